@@ -1,0 +1,1 @@
+"""Machinery shared by every technique (no technique-specific code lives here)."""

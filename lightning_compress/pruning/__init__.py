@@ -1,0 +1,5 @@
+"""Pruning techniques."""
+
+from lightning_compress.pruning.gradual import GradualPruning
+
+__all__ = ["GradualPruning"]
