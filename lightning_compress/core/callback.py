@@ -53,19 +53,6 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         t.div_(world)
 
 
-def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values (bool tensors included)."""
-    if not is_distributed():
-        return
-    for t in tensors:
-        if t.dtype == torch.bool:  # gloo has no bool broadcast
-            buf = t.to(torch.uint8)
-            dist.broadcast(buf, src=src)
-            t.copy_(buf.bool())
-        else:
-            dist.broadcast(t, src=src)
-
-
 class CompressionCallback(pl.Callback):
     """Base class of every compression callback.
 

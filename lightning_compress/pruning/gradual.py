@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.core.callback import CompressionCallback, all_reduce_mean_, broadcast_
+from lightning_compress.core.callback import CompressionCallback, all_reduce_mean_
 from lightning_compress.core.masks import MaskSet
 from lightning_compress.core.schedules import (
     SCHEDULES,
@@ -278,7 +278,11 @@ class GradualPruning(CompressionCallback):
         return random_score(weight.shape, step, self.seed, weight.device)
 
     def update_masks(self, step: int) -> None:
-        """Recompute the masks for the schedule's sparsity at ``step`` (identical on every rank)."""
+        """Recompute the masks for the schedule's sparsity at ``step``.
+
+        Masks agree on every rank: weights are identical under DDP, Taylor and activation
+        statistics are averaged across ranks first, and random scores are seeded by the step.
+        """
         target = sparsity_at(
             step,
             schedule=self.schedule,
@@ -302,7 +306,6 @@ class GradualPruning(CompressionCallback):
                 n_keep, m = self.nm
                 prune = min(math.floor(target * m + 1e-9), m - n_keep)
                 new = [nm_mask(s, n_keep, m, prune, prev) for s, prev in zip(scores, previous)]
-            broadcast_(new)  # agreement: rank 0's masks win should any kernel differ across ranks
             self.masks.update(dict(zip(self.param_names, new)))
             self.applied_sparsity = target
             counts = self.masks.counts()
