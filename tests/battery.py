@@ -110,7 +110,9 @@ def _pruning_check(target: float) -> Callable[[pl.Callback, nn.Module], None]:
         assert abs(_weight_sparsity(model, names) - target) < 2e-3, _weight_sparsity(model, names)
         if isinstance(cb, lc.GradualPruning) and len(cb.masks):
             for name in names:  # weights are zero exactly where the mask says so
-                assert torch.equal(model.get_parameter(name) != 0, cb.masks[name].cpu() & (model.get_parameter(name) != 0))
+                assert torch.equal(
+                    model.get_parameter(name) != 0, cb.masks[name].cpu() & (model.get_parameter(name) != 0)
+                )
                 assert not bool(model.get_parameter(name)[~cb.masks[name].cpu()].any())
 
     return check
@@ -130,7 +132,10 @@ _PRUNING_BAD = [
     ({"start": 0.8, "end": 0.5}, r"`end`=0.5 is before `start`=0.8"),
     ({"targets": "fc1"}, r"`targets`='fc1' is not supported; expected a list of fnmatch patterns"),
     ({"exclude": [""]}, r"`exclude` entries must be non-empty strings"),
-    ({"initial_sparsity": 0.95, "target_sparsity": 0.5}, r"`initial_sparsity`=0.95 is above `target_sparsity`"),
+    (
+        {"initial_sparsity": 0.95, "target_sparsity": 0.5},
+        r"`initial_sparsity`=0.95 is above `target_sparsity`",
+    ),
     ({"power": 0}, r"`power`=0 is not supported; expected a number > 0"),
     ({"calibration_steps": 0}, r"`calibration_steps`=0 is not supported; expected an int >= 1"),
 ]

@@ -27,7 +27,9 @@ class Dump(pl.Callback):
 if __name__ == "__main__":
     out = sys.argv[1]
     pl.seed_everything(0)
-    cb = GradualPruning(target_sparsity=0.7, criterion="activation", start=1, end=10, frequency=3, calibration_steps=2)
+    cb = GradualPruning(
+        target_sparsity=0.7, criterion="activation", start=1, end=10, frequency=3, calibration_steps=2
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

@@ -41,7 +41,9 @@ class _Crash(pl.Callback):
 def test_crash_and_resume_equals_uninterrupted(tmp_path: Path, entry: Entry) -> None:
     cb_ref, model_ref = _fit(tmp_path / "ref", entry)
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_on_train_epoch_end=True
+    )
     pl.seed_everything(0)
     crashed = entry.make()
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -81,7 +83,13 @@ def test_checkpoint_is_compressed_and_loads_without_callback(tmp_path: Path, ent
 def _ddp_worker_state(tmp_path: Path, entry: Entry) -> list[dict[str, torch.Tensor]]:
     pl.seed_everything(0)
     model = TinyNet()
-    tr = trainer(tmp_path, [entry.make(), DumpState(entry.id, str(tmp_path))], devices=2, strategy="ddp_spawn", max_epochs=8)
+    tr = trainer(
+        tmp_path,
+        [entry.make(), DumpState(entry.id, str(tmp_path))],
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=8,
+    )
     tr.fit(model, tiny_data())
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -92,7 +100,8 @@ def _ddp_worker_state(tmp_path: Path, entry: Entry) -> list[dict[str, torch.Tens
 def test_ddp_two_processes_agree(tmp_path: Path, entry: Entry) -> None:
     # Each rank sees half the data (DistributedSampler): data-dependent state must be all-reduced.
     state0, state1 = _ddp_worker_state(tmp_path, entry)
-    assert state0.keys() == state1.keys() and state0
+    assert state0
+    assert state0.keys() == state1.keys()
     for key in state0:
         assert torch.equal(state0[key], state1[key]), key
 

@@ -95,7 +95,10 @@ def test_nm_mask_matches_reference(shape: tuple[int, ...], n: int, m: int) -> No
 
 
 def test_nm_mask_errors_and_parse() -> None:
-    with pytest.raises(ValueError, match=r"needs the input dimension \(dim 1\) to be a multiple of 4; got a weight of shape \(3, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs the input dimension \(dim 1\) to be a multiple of 4; got a weight of shape \(3, 6\)",
+    ):
         nm_mask(torch.rand(3, 6), 2, 4)
     assert parse_nm("2:4") == (2, 4)
     assert parse_nm(" 1 : 8 ") == (1, 8)

@@ -80,7 +80,8 @@ def test_sparsity_is_logged_to_every_logger(tmp_path: Path) -> None:
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     values = [float(r["sparsity"]) for r in rows if r.get("sparsity")]
-    assert values and values[-1] == pytest.approx(0.5, abs=1e-3)
+    assert values
+    assert values[-1] == pytest.approx(0.5, abs=1e-3)
     assert values == sorted(values)
     assert any(r.get("sparsity/fc1") for r in rows)
 
@@ -100,7 +101,9 @@ def test_layer_that_cannot_take_the_pattern_is_named(tmp_path: Path) -> None:
 
     model = Odd()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"cannot prune layer 'head': its input dimension 6 is not a multiple of 4"):
+    with pytest.raises(
+        ValueError, match=r"cannot prune layer 'head': its input dimension 6 is not a multiple of 4"
+    ):
         trainer(tmp_path, [GradualPruning(pattern="2:4")]).fit(model, tiny_data())
     for k, v in model.state_dict().items():  # nothing half-applied
         assert torch.equal(v, before[k])
@@ -112,7 +115,10 @@ def test_no_matching_layer_fails_before_training(tmp_path: Path) -> None:
 
 
 def test_fraction_without_known_length_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"`start`=0.0 is a fraction of training, but the number of optimizer steps is unknown"):
+    with pytest.raises(
+        ValueError,
+        match=r"`start`=0.0 is a fraction of training, but the number of optimizer steps is unknown",
+    ):
         trainer(tmp_path, [GradualPruning()], max_epochs=-1, max_steps=-1, max_time="00:00:00:30").fit(
             TinyNet(), tiny_data()
         )
@@ -143,7 +149,9 @@ def test_target_sparsity_range(value: Any) -> None:
     if valid:
         assert GradualPruning(target_sparsity=value).target_sparsity == float(value)
     else:
-        with pytest.raises(ValueError, match=r"`target_sparsity`=.* is not supported; expected a float in \[0, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"`target_sparsity`=.* is not supported; expected a float in \[0, 1\)"
+        ):
             GradualPruning(target_sparsity=value)
 
 

@@ -104,7 +104,9 @@ class CompressionCallback(pl.Callback):
                 "single device, 'ddp', 'ddp_spawn', 'ddp_fork' (DDPStrategy)."
             )
         # Resolve targets now so a bad pattern fails before any training (and before any change).
-        self.module_names = select_modules(pl_module, self.targets, self.exclude, self.supported_types, self.name)
+        self.module_names = select_modules(
+            pl_module, self.targets, self.exclude, self.supported_types, self.name
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,7 +136,9 @@ class CompressionCallback(pl.Callback):
         self._remove_hooks()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._remove_hooks()
 
     @override

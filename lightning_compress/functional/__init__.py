@@ -1,0 +1,1 @@
+"""Pure tensor kernels (no Lightning import): scores, mask selection."""

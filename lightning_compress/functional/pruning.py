@@ -59,8 +59,10 @@ def channel_mean_abs(x: Tensor, channel_dim: int) -> Tensor:
 
 
 def random_score(shape: Sequence[int], step: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
-    """Uniform random scores from a generator seeded by ``(seed, step)``: identical on every rank and
-    after a resume, with no hidden RNG state."""
+    """Uniform random scores from a generator seeded by ``(seed, step)``.
+
+    The same on every rank and after a resume: no hidden RNG state.
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.rand(tuple(shape), generator=gen).to(device)
 
@@ -106,9 +108,13 @@ def unstructured_masks(
     return [chunk.view_as(s) for chunk, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
 
-def nm_mask(score: Tensor, n: int, m: int, prune_per_group: int | None = None, previous: Tensor | None = None) -> Tensor:
-    """N:M keep-mask along the input dimension (dim 1): in every group of ``m`` consecutive input
-    weights of one output (and one kernel position), keep the ``n`` highest scores.
+def nm_mask(
+    score: Tensor, n: int, m: int, prune_per_group: int | None = None, previous: Tensor | None = None
+) -> Tensor:
+    """N:M keep-mask along the input dimension (dim 1).
+
+    In every group of ``m`` consecutive input weights of one output (and one kernel position),
+    keep the ``n`` highest scores.
 
     This is the 2:4 pattern that sparse tensor cores accelerate (Mishra et al., 2021).
 

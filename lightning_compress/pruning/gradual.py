@@ -119,25 +119,29 @@ class GradualPruning(CompressionCallback):
         self.scope = _choice("scope", scope, SCOPES)
         if not isinstance(pattern, str) or (pattern != "unstructured" and parse_nm(pattern) is None):
             raise ValueError(
-                f"`pattern`={pattern!r} is not supported; expected 'unstructured' or an 'N:M' string such as '2:4'."
+                f"`pattern`={pattern!r} is not supported; expected 'unstructured' or an 'N:M' string "
+                "such as '2:4'."
             )
         self.pattern = pattern
         self.nm = parse_nm(pattern)
         if self.nm is None:
-            self.target_sparsity = _fraction("target_sparsity", 0.9 if target_sparsity is None else target_sparsity)
+            self.target_sparsity = _fraction(
+                "target_sparsity", 0.9 if target_sparsity is None else target_sparsity
+            )
         else:
             n, m = self.nm
             self.target_sparsity = 1.0 - n / m
             if target_sparsity is not None and not math.isclose(target_sparsity, self.target_sparsity):
                 raise ValueError(
-                    f"`target_sparsity`={target_sparsity!r} contradicts `pattern`={pattern!r}, which fixes the "
-                    f"sparsity at 1 - {n}/{m} = {self.target_sparsity:g}; leave target_sparsity unset."
+                    f"`target_sparsity`={target_sparsity!r} contradicts `pattern`={pattern!r}, which "
+                    f"fixes the sparsity at 1 - {n}/{m} = {self.target_sparsity:g}; "
+                    "leave target_sparsity unset."
                 )
         self.initial_sparsity = _fraction("initial_sparsity", initial_sparsity)
         if self.initial_sparsity > self.target_sparsity:
             raise ValueError(
-                f"`initial_sparsity`={initial_sparsity!r} is above `target_sparsity`={self.target_sparsity!r}; "
-                "expected initial_sparsity <= target_sparsity."
+                f"`initial_sparsity`={initial_sparsity!r} is above "
+                f"`target_sparsity`={self.target_sparsity!r}; expected initial_sparsity <= target_sparsity."
             )
         self.start = validate_step_arg("start", start)
         self.end = validate_step_arg("end", end)
@@ -179,7 +183,7 @@ class GradualPruning(CompressionCallback):
             return
         self.param_names = [f"{name}.weight" for name in self.module_names]
         if self.nm is not None:
-            n, m = self.nm
+            m = self.nm[1]
             for name in self.module_names:
                 weight = pl_module.get_submodule(name).weight
                 if weight.shape[1] % m:
@@ -204,7 +208,9 @@ class GradualPruning(CompressionCallback):
             p = self.masks.parameter(n)
             if self.criterion == "taylor":
                 acc = self._taylor.get(n)
-                self._taylor[n] = torch.zeros_like(p) if acc is None or acc.shape != p.shape else acc.to(p.device)
+                self._taylor[n] = (
+                    torch.zeros_like(p) if acc is None or acc.shape != p.shape else acc.to(p.device)
+                )
             module = n.rsplit(".", 1)[0]
             if module in self._act_sum:  # partial activation statistics restored from a checkpoint
                 self._act_sum[module] = self._act_sum[module].to(p.device)
@@ -213,12 +219,18 @@ class GradualPruning(CompressionCallback):
             self._next_update = step  # attached after its start step: catch up now
         else:
             self._next_update = next_update_step(
-                max(step, self.last_update_step + 1), self._start_step, self._end_step, self.frequency, self.schedule
+                max(step, self.last_update_step + 1),
+                self._start_step,
+                self._end_step,
+                self.frequency,
+                self.schedule,
             )
 
     # ------------------------------------------------------------------ per step
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if (
             self.criterion == "activation"
             and not self._act_handles
@@ -256,7 +268,9 @@ class GradualPruning(CompressionCallback):
         self._detach_activation_hooks()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._detach_activation_hooks()
 
@@ -317,12 +331,16 @@ class GradualPruning(CompressionCallback):
         for acc in self._taylor.values():
             acc.zero_()
         self._detach_activation_hooks()
-        self._next_update = next_update_step(step + 1, self._start_step, self._end_step, self.frequency, self.schedule)
+        self._next_update = next_update_step(
+            step + 1, self._start_step, self._end_step, self.frequency, self.schedule
+        )
 
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:
         pairs = [
-            (self.masks.parameter(n), self._taylor[n]) for n in self.param_names if self.masks.parameter(n).grad is not None
+            (self.masks.parameter(n), self._taylor[n])
+            for n in self.param_names
+            if self.masks.parameter(n).grad is not None
         ]
         if not pairs:
             return
