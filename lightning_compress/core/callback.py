@@ -84,7 +84,11 @@ class CompressionCallback(pl.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_args())
+        # Lightning reads this on every hook call (profiler action names): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(**self._state_key_args())
+        return key
 
     @property
     def name(self) -> str:

@@ -123,10 +123,12 @@ class MaskSet:
     @torch.no_grad()
     def apply_to_grads_(self) -> None:
         """Zero the gradients of pruned weights in place, skipping parameters without a gradient."""
-        pairs = [(p.grad, m) for p, m in zip(self._plist, self._mlist) if p.grad is not None]
-        if pairs:
-            grads, masks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(masks))
+        grads = [p.grad for p in self._plist]
+        if None not in grads:
+            torch._foreach_mul_(grads, self._mlist)
+        elif any(g is not None for g in grads):
+            pairs = [(g, m) for g, m in zip(grads, self._mlist) if g is not None]
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     # ------------------------------------------------------------------ queries
     @property
