@@ -1,0 +1,121 @@
+"""The ``lightning-compress`` console script: LightningCLI with every compression callback built in.
+
+Model and datamodule are chosen by ``class_path`` (any ``LightningModule`` / ``LightningDataModule``
+subclass, the user's own included), and every public callback of the package can be named by its
+short class name in YAML::
+
+    model:
+      class_path: lightning_compress.demos.LeNet300100
+    data:
+      class_path: lightning_compress.demos.MNIST5kDataModule
+    trainer:
+      callbacks:
+        - class_path: GradualPruning
+          init_args: {target_sparsity: 0.9, end: 0.75}
+
+Run ``lightning-compress fit --config recipe.yaml`` (also ``validate``, ``test``, ``predict``).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+# jsonargparse resolves a short ``class_path`` (``GradualPruning``) by searching the *imported*
+# subclasses of the expected base class, so every technique and the report callback must be
+# imported before the parser is built. The package re-exports are imported too, so that the
+# public (``lightning_compress.X``) path is known wherever it exists.
+import lightning_compress
+import lightning_compress.demos
+import lightning_compress.pruning
+import lightning_compress.report  # noqa: F401
+
+__all__ = ["CompressionCLI", "main"]
+
+
+class CompressionCLI(LightningCLI):
+    """:class:`~pytorch_lightning.cli.LightningCLI` set up for compression recipes.
+
+    Model and data are given by ``class_path`` (subclass mode), the compression callbacks by their
+    short names under ``trainer.callbacks``, and the resolved config is saved next to the logs
+    (overwriting the file of a previous run in the same folder).
+
+    Args:
+        args: Command-line style arguments (``["fit", "--config", "recipe.yaml"]``); ``None`` reads
+            ``sys.argv``.
+        run: Run the subcommand. With ``run=False`` no subcommand is expected and the CLI only
+            builds ``cli.model``, ``cli.datamodule`` and ``cli.trainer``.
+        **kwargs: Passed on to :class:`~pytorch_lightning.cli.LightningCLI` (they override the
+            defaults above).
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        options: dict[str, Any] = {
+            "model_class": pl.LightningModule,
+            "datamodule_class": pl.LightningDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "save_config_kwargs": {"overwrite": True},
+            "parser_kwargs": {
+                "description": "Compress a neural network while it trains (lightning-compress)."
+            },
+        }
+        options.update(kwargs)
+        super().__init__(args=args, run=run, **options)
+
+    def instantiate_classes(self) -> None:
+        """Instantiate model, datamodule, callbacks and trainer; a rejected argument is a usage error.
+
+        Every class of the package validates its arguments in ``__init__`` and raises a
+        ``ValueError`` that names the argument, shows the value and says what is accepted (Lightning
+        raises ``MisconfigurationException``). Here that message is reported like any other
+        configuration error (usage line, exit status 2), with the class that refused it, instead of
+        a traceback through jsonargparse.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as err:
+            # jsonargparse wraps the class's own error in a long union-type message: report the
+            # outermost error raised from inside a class's ``__init__``, i.e. the class's message.
+            chained: BaseException | None = err
+            while chained is not None:
+                culprit = _refusing_class(chained.__traceback__)
+                if culprit is not None:
+                    self.parser.error(f"invalid configuration: {culprit}: {chained}", err)
+                chained = chained.__cause__ or chained.__context__
+            self.parser.error(f"invalid configuration: {err}", err)
+
+
+def _refusing_class(tb: TracebackType | None) -> str | None:
+    """Name of the class whose ``__init__`` is outermost in the traceback ``tb``, or ``None``.
+
+    jsonargparse's own classes are skipped: they only carry the argument to the user's class.
+    """
+    while tb is not None:
+        frame = tb.tb_frame
+        module = frame.f_globals.get("__name__", "")
+        if (
+            frame.f_code.co_name == "__init__"
+            and "self" in frame.f_locals
+            and not module.startswith("jsonargparse")
+        ):
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-compress`` console script.
+
+    Args:
+        args: Command-line style arguments; ``None`` reads ``sys.argv``.
+    """
+    CompressionCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Reference models and small datamodules on embedded data, like ``lightning.pytorch.demos``.
+
+The datamodules need the ``demos`` extra (``pip install 'lightning-compress[demos]'``); it is only
+imported when their ``setup()`` runs, so importing this package always works.
+"""
+
+from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
+from lightning_compress.demos.models import LeNet5, LeNet300100
+
+__all__ = ["DigitsDataModule", "LeNet5", "LeNet300100", "MNIST5kDataModule"]

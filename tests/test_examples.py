@@ -1,0 +1,43 @@
+"""The example script and the ``make demo`` entry point run, with tiny settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_compress.demos import main as demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prune_existing_trainer_script(tmp_path):
+    script = ROOT / "examples" / "prune_existing_trainer.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--max-epochs", "1", "--sparsity", "0.8", "--root-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Compression summary" in proc.stdout
+    assert "TOTAL" in proc.stdout
+    assert "net.1.weight:" in proc.stdout
+    assert list(tmp_path.rglob("compression_report.png")), "CompressionReport saved no plot"
+
+
+def test_demo_main_fast():
+    result = demo.main(["--fast", "--sparsity", "0.9"])
+    assert result["target_sparsity"] == 0.9
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert result["dense_sparsity"] == 0.0
+    assert result["sparse_bytes"] < result["dense_bytes"]
+    assert result["compression_ratio"] > 4
+    for key in ("dense_acc", "pruned_acc"):
+        assert 0.1 < result[key] <= 1.0
+    assert result["dense_fit_s"] > 0
+    assert result["pruned_fit_s"] > 0
