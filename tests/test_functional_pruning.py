@@ -113,3 +113,33 @@ def test_nm_mask_errors_and_parse() -> None:
     assert parse_nm("unstructured") is None
     with pytest.raises(ValueError, match="N:M needs 1 <= N < M"):
         parse_nm("0:4")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(2, 300),
+    st.floats(0.0, 0.9),
+    st.floats(0.0, 0.99),
+    st.integers(0, 10_000),
+    st.sampled_from(["global", "local"]),
+)
+def test_masks_with_previous_rank_only_live_entries(
+    n: int, dead_frac: float, sparsity: float, seed: int, scope: str
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(n, generator=gen), torch.rand(n // 2 + 1, generator=gen)]
+    previous = [torch.rand(s.shape, generator=gen) >= dead_frac for s in scores]
+    masks = unstructured_masks(scores, sparsity, scope, previous)
+    groups = (
+        [(scores, previous, masks)]
+        if scope == "global"
+        else [([s], [p], [m]) for s, p, m in zip(scores, previous, masks)]
+    )
+    for sc, prev, new in groups:
+        s, p, m = torch.cat(sc), torch.cat(prev), torch.cat(new)
+        assert not bool((m & ~p).any())  # nothing revived
+        k = round(sparsity * s.numel())
+        assert int((~m).sum()) == max(k, int((~p).sum()))
+        newly = p & ~m
+        if newly.any() and m.any():  # newly pruned live entries score no higher than any kept one
+            assert s[newly].max() <= s[m].min()

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 from typing_extensions import override
 
@@ -166,6 +166,6 @@ class CompressionCallback(pl.Callback):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def info(message: str) -> None:
-        """Log an informational message on rank zero only."""
-        rank_zero_info(message)
+    def debug(message: str) -> None:
+        """Log a progress message (rank zero only, at DEBUG level: one per schedule update)."""
+        rank_zero_debug(message)

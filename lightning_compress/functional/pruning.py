@@ -68,11 +68,27 @@ def random_score(shape: Sequence[int], step: int, seed: int, device: torch.devic
 
 
 # ---------------------------------------------------------------------------- mask selection
-def _lowest_k_mask(flat_scores: Tensor, k: int) -> Tensor:
-    mask = torch.ones_like(flat_scores, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat_scores, k, largest=False, sorted=False).indices] = False
-    return mask
+def _prune_lowest(scores: Tensor, alive: Tensor, k: int) -> Tensor:
+    """Keep-mask (flat) pruning exactly ``k`` entries: every dead one plus the lowest-scored live ones.
+
+    Only live entries are ranked, and ``topk`` runs on whichever side is smaller (entries to prune
+    or entries to keep), so late updates of a gradual schedule cost little.
+    """
+    keep = alive.clone()
+    live = alive.nonzero().squeeze(1)
+    extra = k - (alive.numel() - live.numel())  # live entries still to prune
+    if extra <= 0:
+        return keep
+    if extra >= live.numel():
+        keep.zero_()
+        return keep
+    live_scores = scores[live]
+    if extra <= live.numel() // 2:
+        keep[live[torch.topk(live_scores, extra, largest=False, sorted=False).indices]] = False
+    else:
+        keep.zero_()
+        keep[live[torch.topk(live_scores, live.numel() - extra, largest=True, sorted=False).indices]] = True
+    return keep
 
 
 def unstructured_masks(
@@ -89,23 +105,31 @@ def unstructured_masks(
         scope: ``"global"`` ranks all entries together (one threshold); ``"local"`` prunes every
             tensor to ``sparsity`` separately.
         previous: Current keep-masks. Entries already pruned stay pruned (masks only shrink), which
-            keeps a gradual schedule monotone even when many scores tie at zero.
+            keeps a gradual schedule monotone even when many scores tie at zero. If more entries are
+            already pruned than ``sparsity`` asks for, ``previous`` is returned unchanged.
 
     Returns:
         Boolean keep-masks shaped like ``scores``. Exactly ``round(sparsity * n)`` entries are pruned
         (per tensor for local scope), which makes the reached sparsity exact.
     """
-    scores = [s.detach().float() for s in scores]
-    if previous is not None:
-        # -inf sorts first, so pruned entries are re-selected before any live one.
-        scores = [s.masked_fill(~m, float("-inf")) for s, m in zip(scores, previous)]
-    if scope == "local":
-        return [_lowest_k_mask(s.flatten(), round(sparsity * s.numel())).view_as(s) for s in scores]
-    if scope != "global":
+    if scope not in ("global", "local"):
         raise ValueError(f"`scope`={scope!r} is not supported; expected one of ['global', 'local'].")
-    flat = torch.cat([s.flatten() for s in scores])
-    keep = _lowest_k_mask(flat, round(sparsity * flat.numel()))
-    return [chunk.view_as(s) for chunk, s in zip(keep.split([s.numel() for s in scores]), scores)]
+    flat = [s.detach().float().flatten() for s in scores]
+    alive = (
+        [m.flatten() for m in previous]
+        if previous is not None
+        else [torch.ones_like(f, dtype=torch.bool) for f in flat]
+    )
+    if scope == "local":
+        keeps = [_prune_lowest(f, a, round(sparsity * f.numel())) for f, a in zip(flat, alive)]
+    else:
+        cat = torch.cat(flat)
+        keeps = list(
+            _prune_lowest(cat, torch.cat(alive), round(sparsity * cat.numel())).split(
+                [f.numel() for f in flat]
+            )
+        )
+    return [k.view_as(s) for k, s in zip(keeps, scores)]
 
 
 def nm_mask(

@@ -170,6 +170,7 @@ class GradualPruning(CompressionCallback):
         self._act_sum: dict[str, Tensor] = {}
         self._act_batches = 0
         self._act_handles: list[Any] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
 
     @override
     def _state_key_args(self) -> dict[str, Any]:
@@ -204,6 +205,8 @@ class GradualPruning(CompressionCallback):
             )
         self.masks.bind(pl_module, self.param_names)
         self.masks.apply_to_weights_()
+        self._optimizers = list(trainer.optimizers)
+        self.masks.apply_to_optimizer_state_(self._optimizers)
         for n in self.param_names:
             p = self.masks.parameter(n)
             if self.criterion == "taylor":
@@ -306,7 +309,7 @@ class GradualPruning(CompressionCallback):
             initial=self.initial_sparsity,
             power=self.power,
         )
-        if target > self.applied_sparsity or self.last_update_step < 0:
+        if target > self.applied_sparsity:
             if self.criterion == "taylor":
                 all_reduce_mean_(list(self._taylor.values()))
             elif self.criterion == "activation":
@@ -321,12 +324,13 @@ class GradualPruning(CompressionCallback):
                 prune = min(math.floor(target * m + 1e-9), m - n_keep)
                 new = [nm_mask(s, n_keep, m, prune, prev) for s, prev in zip(scores, previous)]
             self.masks.update(dict(zip(self.param_names, new)))
+            self.masks.apply_to_optimizer_state_(self._optimizers)
             self.applied_sparsity = target
             counts = self.masks.counts()
             pruned, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
             self.sparsity = pruned / total
             self.layer_sparsity = {n.rsplit(".", 1)[0]: z / t for n, (z, t) in counts.items()}
-            self.info(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
+            self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
         for acc in self._taylor.values():
             acc.zero_()
