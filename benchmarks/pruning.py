@@ -7,7 +7,7 @@ the same optimizer (Adam, lr 1e-3) for the same number of epochs. Rows:
 
 * ``dense``: no pruning.
 * ``GradualPruning s``: ``GradualPruning(target_sparsity=s, schedule="cubic", start=0.0,
-  end=0.75, frequency=25, criterion="magnitude", scope="global")`` over fc1/fc2/fc3 weights.
+  end=0.75, frequency=100, criterion="magnitude", scope="global")`` over fc1/fc2/fc3 weights.
 * ``ModelPruning s``: ``ModelPruning("l1_unstructured", parameters_to_prune=[fc1/fc2/fc3 weight],
   use_global_unstructured=True, amount=<callable>, make_pruning_permanent=True,
   use_lottery_ticket_hypothesis=False)``. ModelPruning prunes once per epoch (at the end of the
@@ -60,20 +60,20 @@ from pytorch_lightning.callbacks import Callback, ModelPruning
 from rich.console import Console
 from rich.table import Table
 
+from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.demos import LeNet300100, MNIST5kDataModule
 from lightning_compress.pruning import GradualPruning
 
 LAYERS = ("fc1", "fc2", "fc3")
 SPARSITIES = (0.90, 0.95, 0.98)
 END = 0.75  # fraction of training at which both callbacks reach the target
-GP_FREQUENCY = 25  # default optimizer steps between GradualPruning mask updates (~2.5 per epoch here)
+GP_FREQUENCY = 100  # GradualPruning's default: optimizer steps between mask updates
 
 
 # ---------------------------------------------------------------------------- configs
 def cubic(progress: float, final: float) -> float:
-    """Zhu & Gupta's cubic ramp from 0 to ``final`` (the schedule GradualPruning uses)."""
-    p = min(max(progress, 0.0), 1.0)
-    return final * (1.0 - (1.0 - p) ** 3)
+    """Zhu & Gupta's cubic ramp from 0 to ``final``: GradualPruning's own schedule function."""
+    return sparsity_at(round(progress * 1_000_000), schedule="cubic", start=0, end=1_000_000, final=final)
 
 
 def prune_epochs(epochs: int, end: float = END) -> int:

@@ -189,29 +189,3 @@ def test_step_args_resolution_and_errors() -> None:
     ]:
         with pytest.raises(ValueError, match=msg):
             validate_step_arg("start", bad)
-
-
-def test_maskset_zeroes_optimizer_state_of_pruned_entries() -> None:
-    torch.manual_seed(0)
-    lin = nn.Linear(6, 4)
-    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
-    lin(torch.randn(3, 6)).sum().backward()
-    opt.step()
-    masks = MaskSet()
-    masks.bind(lin, ["weight"])
-    keep = torch.rand(4, 6) > 0.5
-    masks.set("weight", keep)
-    masks.apply_to_optimizer_state_([opt])
-    state = opt.state[lin.weight]
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert not state[key][~keep].any()
-        assert state[key][keep].all()
-    assert state["step"].item() == 1  # scalars untouched
-    # With gradients masked, the zeroed state stays exactly zero: no decay into denormals.
-    for _ in range(50):
-        opt.zero_grad()
-        lin(torch.randn(3, 6)).sum().backward()
-        masks.apply_to_grads_()
-        opt.step()
-    assert not state["exp_avg"][~keep].any()
-    assert not lin.weight[~keep].any()

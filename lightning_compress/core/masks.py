@@ -124,30 +124,11 @@ class MaskSet:
     def apply_to_grads_(self) -> None:
         """Zero the gradients of pruned weights in place, skipping parameters without a gradient."""
         grads = [p.grad for p in self._plist]
-        if None not in grads:
+        if all(g is not None for g in grads):  # (`None in grads` would compare tensors: slow)
             torch._foreach_mul_(grads, self._mlist)
         elif any(g is not None for g in grads):
             pairs = [(g, m) for g, m in zip(grads, self._mlist) if g is not None]
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
-
-    @torch.no_grad()
-    def apply_to_optimizer_state_(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Zero the optimizer state (momentum, Adam moments, ...) of pruned entries.
-
-        Called when masks change, not per step. With gradients masked, a zeroed state stays exactly
-        zero, so it never decays into denormal floats (slow on CPUs) and a weight that a later
-        schedule lets grow back (dynamic surgery) starts from a clean state. Every state tensor
-        shaped like its parameter is masked; scalars such as Adam's ``step`` are left alone.
-        """
-        for opt in optimizers:
-            for name, p in self._params.items():
-                state = opt.state.get(p)
-                if not state:
-                    continue
-                mask = self._masks[name]
-                for value in state.values():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.mul_(mask.to(value.dtype))
 
     # ------------------------------------------------------------------ queries
     @property

@@ -167,10 +167,10 @@ class GradualPruning(CompressionCallback):
         self._end_step = 0
         self._next_update: int | None = None
         self._taylor: dict[str, Tensor] = {}
+        # activation criterion: per layer, the sum of per-batch mean |input| and the batch count
         self._act_sum: dict[str, Tensor] = {}
-        self._act_batches = 0
+        self._act_count: dict[str, int] = {}
         self._act_handles: list[Any] = []
-        self._optimizers: list[torch.optim.Optimizer] = []
 
     @override
     def _state_key_args(self) -> dict[str, Any]:
@@ -205,8 +205,6 @@ class GradualPruning(CompressionCallback):
             )
         self.masks.bind(pl_module, self.param_names)
         self.masks.apply_to_weights_()
-        self._optimizers = list(trainer.optimizers)
-        self.masks.apply_to_optimizer_state_(self._optimizers)
         for n in self.param_names:
             p = self.masks.parameter(n)
             if self.criterion == "taylor":
@@ -289,9 +287,9 @@ class GradualPruning(CompressionCallback):
             return self._taylor[name]
         if self.criterion == "activation":
             module = name.rsplit(".", 1)[0]
-            if module not in self._act_sum or self._act_batches == 0:
+            if module not in self._act_sum:
                 return magnitude_score(weight)  # layer saw no input in the window: fall back to |w|
-            return activation_score(weight, self._act_sum[module] / self._act_batches)
+            return activation_score(weight, self._act_sum[module])
         return random_score(weight.shape, step, self.seed, weight.device)
 
     def update_masks(self, step: int) -> None:
@@ -313,6 +311,8 @@ class GradualPruning(CompressionCallback):
             if self.criterion == "taylor":
                 all_reduce_mean_(list(self._taylor.values()))
             elif self.criterion == "activation":
+                for module, total in self._act_sum.items():
+                    total.div_(self._act_count[module])  # sum of batch means -> mean
                 all_reduce_mean_(list(self._act_sum.values()))
             weights = [self.masks.parameter(n) for n in self.param_names]
             scores = [self.score(n, w, step) for n, w in zip(self.param_names, weights)]
@@ -324,7 +324,6 @@ class GradualPruning(CompressionCallback):
                 prune = min(math.floor(target * m + 1e-9), m - n_keep)
                 new = [nm_mask(s, n_keep, m, prune, prev) for s, prev in zip(scores, previous)]
             self.masks.update(dict(zip(self.param_names, new)))
-            self.masks.apply_to_optimizer_state_(self._optimizers)
             self.applied_sparsity = target
             counts = self.masks.counts()
             pruned, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
@@ -358,7 +357,6 @@ class GradualPruning(CompressionCallback):
             module = pl_module.get_submodule(name)
             channel_dim = -1 if isinstance(module, nn.Linear) else 1
             self._act_handles.append(module.register_forward_hook(self._make_act_hook(name, channel_dim)))
-        self._act_handles.append(pl_module.register_forward_hook(self._count_batch))
 
     def _make_act_hook(self, name: str, channel_dim: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -367,21 +365,17 @@ class GradualPruning(CompressionCallback):
             stat = channel_mean_abs(args[0], channel_dim)
             if name in self._act_sum:
                 self._act_sum[name] += stat
+                self._act_count[name] += 1
             else:
-                self._act_sum[name] = stat
+                self._act_sum[name], self._act_count[name] = stat, 1
 
         return hook
-
-    def _count_batch(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module.training:
-            self._act_batches += 1
 
     def _detach_activation_hooks(self) -> None:
         for handle in self._act_handles:
             handle.remove()
         self._act_handles.clear()
-        self._act_sum = {}
-        self._act_batches = 0
+        self._act_sum, self._act_count = {}, {}
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -394,7 +388,7 @@ class GradualPruning(CompressionCallback):
             "layer_sparsity": dict(self.layer_sparsity),
             "taylor": {n: t.detach().cpu().clone() for n, t in self._taylor.items()},
             "activation_sum": {n: t.detach().cpu().clone() for n, t in self._act_sum.items()},
-            "activation_batches": self._act_batches,
+            "activation_count": dict(self._act_count),
         }
 
     @override
@@ -406,7 +400,7 @@ class GradualPruning(CompressionCallback):
         self.layer_sparsity = dict(state_dict.get("layer_sparsity", {}))
         self._taylor = dict(state_dict.get("taylor", {}))
         self._act_sum = dict(state_dict.get("activation_sum", {}))
-        self._act_batches = int(state_dict.get("activation_batches", 0))
+        self._act_count = dict(state_dict.get("activation_count", {}))
 
 
 __all__ = ["CRITERIA", "SCOPES", "GradualPruning"]
