@@ -119,7 +119,7 @@ def _pruning_check(target: float) -> Callable[[pl.Callback, nn.Module], None]:
 
 
 _PRUNING_BAD = [
-    ({"target_sparsity": 1.0}, r"`target_sparsity`=1.0 is not supported; expected a float in \[0, 1\)"),
+    ({"target_sparsity": 1.0}, r"`target_sparsity`=1.0 is not supported; expected a number in \[0, 1\)"),
     ({"schedule": "cosine"}, r"`schedule`='cosine' is not supported; expected one of \['constant', 'linear'"),
     ({"criterion": "l3"}, r"`criterion`='l3' is not supported; expected one of \['magnitude', 'taylor'"),
     ({"scope": "layer"}, r"`scope`='layer' is not supported; expected one of \['global', 'local'\]"),
@@ -137,6 +137,8 @@ _PRUNING_BAD = [
         r"`initial_sparsity`=0.95 is above `target_sparsity`",
     ),
     ({"power": 0}, r"`power`=0 is not supported; expected a number > 0"),
+    ({"seed": -1}, r"`seed`=-1 is not supported; expected an int >= 0"),
+    ({"log_per_layer": "no"}, r"`log_per_layer`='no' is not supported; expected true or false"),
     ({"calibration_steps": 0}, r"`calibration_steps`=0 is not supported; expected an int >= 1"),
     ({"flush_denormal": "yes"}, r"`flush_denormal`='yes' is not supported; expected true or false"),
 ]

@@ -189,3 +189,32 @@ def test_step_args_resolution_and_errors() -> None:
     ]:
         with pytest.raises(ValueError, match=msg):
             validate_step_arg("start", bad)
+
+
+# ---------------------------------------------------------------- validation
+def test_validation_messages_name_argument_value_and_accepted() -> None:
+    from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
+
+    assert check_choice("mode", "a", ["a", "b"]) == "a"
+    with pytest.raises(ValueError, match=r"^`mode`='c' is not supported; expected one of \['a', 'b'\]\.$"):
+        check_choice("mode", "c", ["a", "b"])
+    assert check_int("n", 3, minimum=1) == 3
+    for bad in (0, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"expected an int >= 1\.$"):
+            check_int("n", bad, minimum=1)
+    assert check_number("p", 0, 0.0, 1.0, high_open=True) == 0.0
+    cases = [
+        ({"low": 0.0, "high": 1.0, "high_open": True}, 1.0, r"a number in \[0, 1\)"),
+        ({"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}, 0.0, r"a number in \(0, 1\)"),
+        ({"low": 0.0, "low_open": True}, 0, r"a number > 0"),
+        ({"low": 0.0}, -1, r"a number >= 0"),
+        ({"high": 2.0}, 3, r"a number <= 2"),
+        ({}, float("nan"), r"expected a number\.$"),
+        ({}, True, r"expected a number\.$"),
+    ]
+    for kwargs, value, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            check_number("p", value, **kwargs)
+    assert check_bool("flag", False) is False
+    with pytest.raises(ValueError, match=r"`flag`=1 is not supported; expected true or false\."):
+        check_bool("flag", 1)

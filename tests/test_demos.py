@@ -145,17 +145,17 @@ MODEL_ERRORS = [
     (
         LeNet300100,
         {"optimizer": "foo"},
-        r"optimizer='foo' is not supported; expected one of: 'adam', 'adamw', 'sgd'",
+        r"`optimizer`='foo' is not supported; expected one of \['adam', 'adamw', 'sgd'\]",
     ),
-    (LeNet5, {"optimizer": "rmsprop"}, r"optimizer='rmsprop' is not supported; expected one of"),
-    (LeNet300100, {"lr": 0.0}, r"lr=0\.0 is not supported; expected a positive number"),
-    (LeNet5, {"lr": -1e-3}, r"lr=-0\.001 is not supported"),
-    (LeNet300100, {"in_features": 0}, r"in_features=0 is not supported; expected a positive integer"),
-    (LeNet300100, {"num_classes": -2}, r"num_classes=-2 is not supported; expected a positive integer"),
-    (LeNet5, {"num_classes": 0}, r"num_classes=0 is not supported"),
-    (LeNet5, {"in_channels": 0}, r"in_channels=0 is not supported"),
-    (LeNet5, {"image_size": 0}, r"image_size=0 is not supported"),
-    (LeNet300100, {"weight_decay": -0.1}, r"weight_decay=-0\.1 is not supported; expected a number >= 0"),
+    (LeNet5, {"optimizer": "rmsprop"}, r"`optimizer`='rmsprop' is not supported; expected one of"),
+    (LeNet300100, {"lr": 0.0}, r"`lr`=0\.0 is not supported; expected a number > 0"),
+    (LeNet5, {"lr": -1e-3}, r"`lr`=-0\.001 is not supported"),
+    (LeNet300100, {"in_features": 0}, r"`in_features`=0 is not supported; expected an int >= 1"),
+    (LeNet300100, {"num_classes": -2}, r"`num_classes`=-2 is not supported; expected an int >= 1"),
+    (LeNet5, {"num_classes": 0}, r"`num_classes`=0 is not supported"),
+    (LeNet5, {"in_channels": 0}, r"`in_channels`=0 is not supported"),
+    (LeNet5, {"image_size": 0}, r"`image_size`=0 is not supported"),
+    (LeNet300100, {"weight_decay": -0.1}, r"`weight_decay`=-0\.1 is not supported; expected a number >= 0"),
 ]
 
 
@@ -331,14 +331,14 @@ DATA_ERRORS = [
     (
         DigitsDataModule,
         {"test_fraction": 0.0},
-        r"test_fraction=0\.0 is not supported; expected a number strictly",
+        r"`test_fraction`=0\.0 is not supported; expected a number in \(0, 1\)",
     ),
-    (DigitsDataModule, {"test_fraction": 1.0}, r"test_fraction=1\.0 is not supported"),
-    (DigitsDataModule, {"test_fraction": -0.3}, r"test_fraction=-0\.3 is not supported"),
-    (MNIST5kDataModule, {"batch_size": 0}, r"batch_size=0 is not supported; expected a positive integer"),
-    (DigitsDataModule, {"batch_size": -4}, r"batch_size=-4 is not supported"),
-    (MNIST5kDataModule, {"num_workers": -1}, r"num_workers=-1 is not supported; expected an integer >= 0"),
-    (DigitsDataModule, {"seed": -1}, r"seed=-1 is not supported; expected an integer >= 0"),
+    (DigitsDataModule, {"test_fraction": 1.0}, r"`test_fraction`=1\.0 is not supported"),
+    (DigitsDataModule, {"test_fraction": -0.3}, r"`test_fraction`=-0\.3 is not supported"),
+    (MNIST5kDataModule, {"batch_size": 0}, r"`batch_size`=0 is not supported; expected an int >= 1"),
+    (DigitsDataModule, {"batch_size": -4}, r"`batch_size`=-4 is not supported"),
+    (MNIST5kDataModule, {"num_workers": -1}, r"`num_workers`=-1 is not supported; expected an int >= 0"),
+    (DigitsDataModule, {"seed": -1}, r"`seed`=-1 is not supported; expected an int >= 0"),
 ]
 
 

@@ -175,7 +175,7 @@ def test_target_sparsity_range(value: Any) -> None:
         assert GradualPruning(target_sparsity=value).target_sparsity == float(value)
     else:
         with pytest.raises(
-            ValueError, match=r"`target_sparsity`=.* is not supported; expected a float in \[0, 1\)"
+            ValueError, match=r"`target_sparsity`=.* is not supported; expected a number in \[0, 1\)"
         ):
             GradualPruning(target_sparsity=value)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress.core.targets import PRUNABLE_TYPES, select_modules, validate_patterns
+from lightning_compress.core.validation import check_bool
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ class CompressionCallback(pl.Callback):
         super().__init__()
         self.targets = validate_patterns("targets", ["*"] if targets is None else targets)
         self.exclude = validate_patterns("exclude", [] if exclude is None else exclude)
-        if not isinstance(flush_denormal, bool):
-            raise ValueError(f"`flush_denormal`={flush_denormal!r} is not supported; expected true or false.")
-        self.flush_denormal = flush_denormal
+        self.flush_denormal = check_bool("flush_denormal", flush_denormal)
         self._toggle_ftz = False
         self.module_names: list[str] = []
         self._hook_handles: list[Any] = []

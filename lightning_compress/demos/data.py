@@ -25,6 +25,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_compress.core.validation import check_int, check_number
+
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DigitsDataModule", "MNIST5kDataModule", "read_idx"]
 
 MNIST_MEAN = 0.1307
@@ -110,12 +112,9 @@ def _mnist_tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
 
 
 def _check_common(batch_size: Any, seed: Any, num_workers: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} is not supported; expected a positive integer")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is not supported; expected an integer >= 0")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers={num_workers!r} is not supported; expected an integer >= 0")
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed, minimum=0)
+    check_int("num_workers", num_workers, minimum=0)
 
 
 class _TensorDataModule(pl.LightningDataModule):
@@ -280,15 +279,7 @@ class DigitsDataModule(_TensorDataModule):
         num_workers: int = 0,
     ) -> None:
         _check_common(batch_size, seed, num_workers)
-        if (
-            isinstance(test_fraction, bool)
-            or not isinstance(test_fraction, (int, float))
-            or not 0.0 < test_fraction < 1.0
-        ):
-            raise ValueError(
-                f"test_fraction={test_fraction!r} is not supported; expected a number strictly "
-                "between 0 and 1"
-            )
+        check_number("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.seed = seed

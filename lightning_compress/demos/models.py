@@ -27,24 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.core.validation import check_choice, check_int, check_number
+
 __all__ = ["LeNet5", "LeNet300100"]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not supported; expected a positive integer")
-
-
-def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}={value!r} is not supported; expected a positive number")
-
-
-def _check_non_negative_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}={value!r} is not supported; expected a number >= 0")
 
 
 class _DemoClassifier(pl.LightningModule):
@@ -66,12 +53,10 @@ class _DemoClassifier(pl.LightningModule):
 
     def __init__(self, num_classes: int, lr: float, weight_decay: float, optimizer: str) -> None:
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_float("lr", lr)
-        _check_non_negative_float("weight_decay", weight_decay)
-        if not isinstance(optimizer, str) or optimizer.lower() not in _OPTIMIZERS:
-            accepted = ", ".join(repr(o) for o in _OPTIMIZERS)
-            raise ValueError(f"optimizer={optimizer!r} is not supported; expected one of: {accepted}")
+        check_int("num_classes", num_classes, minimum=1)
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_choice("optimizer", optimizer.lower() if isinstance(optimizer, str) else optimizer, _OPTIMIZERS)
         self.num_classes = num_classes
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
@@ -157,7 +142,7 @@ class LeNet300100(_DemoClassifier):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
     ) -> None:
-        _check_positive_int("in_features", in_features)
+        check_int("in_features", in_features, minimum=1)
         super().__init__(num_classes=num_classes, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
         self.save_hyperparameters()
         self.in_features = in_features
@@ -217,8 +202,8 @@ class LeNet5(_DemoClassifier):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
     ) -> None:
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("image_size", image_size)
+        check_int("in_channels", in_channels, minimum=1)
+        check_int("image_size", image_size, minimum=1)
         super().__init__(num_classes=num_classes, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
         self.save_hyperparameters()
         self.in_channels = in_channels

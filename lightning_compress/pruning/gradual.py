@@ -19,6 +19,7 @@ from lightning_compress.core.schedules import (
     sparsity_at,
     validate_step_arg,
 )
+from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
 from lightning_compress.functional.pruning import (
     activation_score,
     channel_mean_abs,
@@ -31,26 +32,6 @@ from lightning_compress.functional.pruning import (
 
 CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "activation", "random")
 SCOPES: tuple[str, ...] = ("global", "local")
-
-
-def _choice(name: str, value: object, accepted: tuple[str, ...]) -> str:
-    if value not in accepted:
-        raise ValueError(f"`{name}`={value!r} is not supported; expected one of {list(accepted)}.")
-    return value  # type: ignore[return-value]
-
-
-def _fraction(name: str, value: object, upper_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-        return float(value)
-    bound = "[0, 1)" if upper_open else "[0, 1]"
-    raise ValueError(f"`{name}`={value!r} is not supported; expected a float in {bound}.")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}`={value!r} is not supported; expected an int >= 1.")
-    return value
 
 
 class GradualPruning(CompressionCallback):
@@ -117,9 +98,9 @@ class GradualPruning(CompressionCallback):
         flush_denormal: bool = True,
     ) -> None:
         super().__init__(targets=targets, exclude=exclude, flush_denormal=flush_denormal)
-        self.schedule = _choice("schedule", schedule, SCHEDULES)
-        self.criterion = _choice("criterion", criterion, CRITERIA)
-        self.scope = _choice("scope", scope, SCOPES)
+        self.schedule = check_choice("schedule", schedule, SCHEDULES)
+        self.criterion = check_choice("criterion", criterion, CRITERIA)
+        self.scope = check_choice("scope", scope, SCOPES)
         if not isinstance(pattern, str) or (pattern != "unstructured" and parse_nm(pattern) is None):
             raise ValueError(
                 f"`pattern`={pattern!r} is not supported; expected 'unstructured' or an 'N:M' string "
@@ -128,8 +109,12 @@ class GradualPruning(CompressionCallback):
         self.pattern = pattern
         self.nm = parse_nm(pattern)
         if self.nm is None:
-            self.target_sparsity = _fraction(
-                "target_sparsity", 0.9 if target_sparsity is None else target_sparsity
+            self.target_sparsity = check_number(
+                "target_sparsity",
+                0.9 if target_sparsity is None else target_sparsity,
+                0.0,
+                1.0,
+                high_open=True,
             )
         else:
             n, m = self.nm
@@ -140,7 +125,7 @@ class GradualPruning(CompressionCallback):
                     f"fixes the sparsity at 1 - {n}/{m} = {self.target_sparsity:g}; "
                     "leave target_sparsity unset."
                 )
-        self.initial_sparsity = _fraction("initial_sparsity", initial_sparsity)
+        self.initial_sparsity = check_number("initial_sparsity", initial_sparsity, 0.0, 1.0, high_open=True)
         if self.initial_sparsity > self.target_sparsity:
             raise ValueError(
                 f"`initial_sparsity`={initial_sparsity!r} is above "
@@ -150,15 +135,11 @@ class GradualPruning(CompressionCallback):
         self.end = validate_step_arg("end", end)
         if type(self.start) is type(self.end) and self.end < self.start:
             raise ValueError(f"`end`={end!r} is before `start`={start!r}; expected end >= start.")
-        self.frequency = _positive_int("frequency", frequency)
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
-            raise ValueError(f"`power`={power!r} is not supported; expected a number > 0.")
-        self.power = float(power)
-        self.calibration_steps = _positive_int("calibration_steps", calibration_steps)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed`={seed!r} is not supported; expected an int.")
-        self.seed = seed
-        self.log_per_layer = bool(log_per_layer)
+        self.frequency = check_int("frequency", frequency, minimum=1)
+        self.power = check_number("power", power, low=0.0, low_open=True)
+        self.calibration_steps = check_int("calibration_steps", calibration_steps, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.log_per_layer = check_bool("log_per_layer", log_per_layer)
 
         self.masks = MaskSet()
         self.param_names: list[str] = []

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from rich.console import Console
 from typing_extensions import override
 
+from lightning_compress.core.validation import check_bool
 from lightning_compress.report.summary import CompressionSummary, compression_summary
 
 __all__ = ["CompressionReport"]
@@ -66,16 +67,14 @@ class CompressionReport(pl.Callback):
                 f"`example_input_shape` must be None or a non-empty list of positive ints including "
                 f"the batch dimension (e.g. [1, 784]), got {example_input_shape!r}."
             )
-        if not isinstance(plot, bool):
-            raise ValueError(f"`plot` must be a bool (True or False), got {plot!r}.")
+        check_bool("plot", plot)
         if (
             not isinstance(filename, str)
             or not filename.lower().endswith(".png")
             or filename.lower() == ".png"
         ):
             raise ValueError(f"`filename` must be a string ending with '.png', got {filename!r}.")
-        if not isinstance(log_totals, bool):
-            raise ValueError(f"`log_totals` must be a bool (True or False), got {log_totals!r}.")
+        check_bool("log_totals", log_totals)
         self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
         self.plot = plot
         self.filename = filename
