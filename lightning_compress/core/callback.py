@@ -12,12 +12,12 @@ steps included):
   (registered as a ``torch.optim`` step post-hook): the place to re-constrain weights.
 
 It also refuses strategies whose sharding would make the technique silently wrong, gives each
-instance a checkpoint key derived from its arguments, and offers DDP agreement helpers.
+instance a checkpoint key derived from its arguments, flushes denormals during the optimizer step
+on CPU, and offers DDP agreement helpers.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +31,6 @@ from typing_extensions import override
 
 from lightning_compress.core.targets import PRUNABLE_TYPES, select_modules, validate_patterns
 from lightning_compress.core.validation import check_bool
-
-log = logging.getLogger(__name__)
 
 #: Strategies under which every technique is known to be correct. Everything else (FSDP, DeepSpeed,
 #: model parallel) shards parameters, so per-parameter masks would see only a shard: refused.

@@ -310,8 +310,7 @@ class GradualPruning(CompressionCallback):
             self.masks.update(dict(zip(self.param_names, new)))
             self.applied_sparsity = target
             counts = self.masks.counts()
-            pruned, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
-            self.sparsity = pruned / total
+            self.sparsity = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
             self.layer_sparsity = {n.rsplit(".", 1)[0]: z / t for n, (z, t) in counts.items()}
             self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
