@@ -24,7 +24,8 @@ the same optimizer (Adam, lr 1e-3) for the same number of epochs. Rows:
 Timing: progress bar, model summary, logger and checkpointing are off for every row; validation
 during fit is off too (the test split is the only held-out data, measured once by ``trainer.test``
 after fit), so the fit time is the training loop. ``torch.set_num_threads`` is fixed. Configs run
-alternating in rounds (dense, GP 90, MP 90, GP 95, ... then again), after one short untimed warm-up
+alternating in rounds (dense, GP 90, MP 90, GP 95, ... then the reverse order, ABBA, so drift within
+a round cancels), after one short untimed warm-up
 fit per config; each config's fit time is the median over rounds and its ratio is
 ``median(config) / median(dense)``: ratios measured side by side in one run are the result, absolute
 times are noise. Accuracy and sparsity come from the first round; all rounds are seeded identically,
@@ -32,7 +33,7 @@ so the script checks that every round reproduces them.
 
 Usage::
 
-    python benchmarks/pruning.py --out benchmarks/RESULTS.md     # default: 12 epochs, 3 repeats
+    python benchmarks/pruning.py --out benchmarks/RESULTS.md     # default: 12 epochs, 4 repeats
     python benchmarks/pruning.py --quick                          # 1 epoch, 1 repeat (smoke test)
 """
 
@@ -251,7 +252,9 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> list[Summ
         run_one(cfg, dm, args.epochs, args.seed, warmup=True)
     summaries = [Summary(cfg) for cfg in configs]
     for rnd in range(args.repeats):
-        for s in summaries:
+        # ABBA order (forward, then backward): a slow drift of the machine's speed within a round
+        # cancels out instead of penalising the configs that run last.
+        for s in summaries if rnd % 2 == 0 else summaries[::-1]:
             r = run_one(s.cfg, dm, args.epochs, args.seed)
             s.runs.append(r)
             log(
@@ -349,9 +352,10 @@ def markdown(summaries: list[Summary], args: argparse.Namespace, total_wall: flo
         f"(biases are not pruned by either callback). {gp_note}",
         "- **Fit wall time**: `trainer.fit` only (training loop; validation during fit is off for every "
         "row), median over the rounds. Absolute times depend on the machine and its load; the **ratios** "
-        "are the result: configs run alternating in rounds in one process, so drift and background load "
-        "hit every config alike. The CPU-time ratio (`time.process_time`) is a cross-check that is less "
-        "sensitive to other processes competing for the cores.",
+        "are the result: configs run alternating in rounds in one process, every other round in reverse "
+        "order, so drift and background load hit every config alike. The CPU-time ratio "
+        "(`time.process_time`) is a cross-check that is less sensitive to other processes competing for "
+        "the cores.",
         "- GradualPruning: cubic schedule from step 0 to 75 % of training, mask update every "
         f"{args.gp_frequency} optimizer steps, global magnitude ranking; masks are applied to the "
         "gradients before and to the weights after every optimizer step.",
@@ -408,7 +412,12 @@ def print_rich(summaries: list[Summary], console: Console) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=12, help="training epochs per fit (default 12)")
-    p.add_argument("--repeats", type=int, default=3, help="timing rounds over all configs (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=4,
+        help="timing rounds over all configs, alternately reversed (default 4)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 1 repeat")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument(
