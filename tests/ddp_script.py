@@ -9,7 +9,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
-from battery import TinyNet, tiny_data
+from battery import TinyNet, tiny_data, trainer
 
 from lightning_compress import GradualPruning
 
@@ -30,15 +30,5 @@ if __name__ == "__main__":
     cb = GradualPruning(
         target_sparsity=0.7, criterion="activation", start=1, end=10, frequency=3, calibration_steps=2
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, Dump(out)],
-    )
-    trainer.fit(TinyNet(), tiny_data())
+    tr = trainer(out, [cb, Dump(out)], devices=2, strategy="ddp")
+    tr.fit(TinyNet(), tiny_data())
