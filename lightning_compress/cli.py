@@ -18,12 +18,19 @@ Run ``lightning-compress fit --config recipe.yaml`` (also ``validate``, ``test``
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from rich.console import Console
 
 # jsonargparse resolves a short ``class_path`` (``GradualPruning``) by searching the *imported*
 # subclasses of the expected base class, so every technique and the report callback must be
@@ -33,6 +40,7 @@ import lightning_compress
 import lightning_compress.demos
 import lightning_compress.pruning
 import lightning_compress.report  # noqa: F401
+from lightning_compress.report import CompressionSummary, compression_summary
 
 __all__ = ["CompressionCLI", "main"]
 
@@ -61,7 +69,9 @@ class CompressionCLI(LightningCLI):
             "subclass_mode_data": True,
             "save_config_kwargs": {"overwrite": True},
             "parser_kwargs": {
-                "description": "Compress a neural network while it trains (lightning-compress)."
+                "description": "Compress a neural network while it trains (lightning-compress). "
+                "Also: `lightning-compress report --config RECIPE --ckpt_path CKPT` prints the "
+                "compression summary of a trained model."
             },
         }
         options.update(kwargs)
@@ -108,12 +118,58 @@ def _refusing_class(tb: TracebackType | None) -> str | None:
     return None
 
 
+def report(args: Sequence[str]) -> CompressionSummary:
+    """``lightning-compress report``: the compression summary of a trained (compressed) model.
+
+    The model is built from the same recipe as ``fit`` (``--config`` and any ``--model.*``
+    overrides) and, with ``--ckpt_path``, loaded with the checkpoint's weights, so it shows what the
+    run produced: params, non-zeros, sparsity, dense/effective MACs, dense/sparse bytes per layer.
+
+    Usage::
+
+        lightning-compress report --config recipe.yaml --ckpt_path path/to/last.ckpt
+        lightning-compress report --config recipe.yaml --ckpt_path last.ckpt --json summary.json
+
+    Returns:
+        The :class:`~lightning_compress.report.CompressionSummary` that was printed.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-compress report",
+        description="Print the compression summary of a model built from a recipe (and a checkpoint).",
+        epilog="Every other argument (--config, --model.*, ...) is read as by `lightning-compress fit`.",
+    )
+    parser.add_argument("--ckpt_path", help="checkpoint whose weights to report (default: fresh model)")
+    parser.add_argument("--json", help="also write the summary as JSON to this path")
+    own, rest = parser.parse_known_args(list(args))
+    cli = CompressionCLI(args=rest, run=False)
+    model = cli.model
+    if own.ckpt_path is not None:
+        if not os.path.isfile(own.ckpt_path):
+            parser.error(f"--ckpt_path={own.ckpt_path!r}: no such file")
+        checkpoint = torch.load(own.ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+    summary = compression_summary(model)
+    Console().print(summary.to_rich_table())
+    if own.json is not None:
+        with open(own.json, "w") as f:
+            json.dump(summary.to_dict(), f, indent=2)
+    return summary
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-compress`` console script.
+
+    ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's; ``report`` prints the
+    compression summary of a recipe's model, optionally loaded from a checkpoint (see :func:`report`).
 
     Args:
         args: Command-line style arguments; ``None`` reads ``sys.argv``.
     """
+    if args is None or isinstance(args, (list, tuple)):
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv and argv[0] == "report":
+            report(argv[1:])
+            return
     CompressionCLI(args=args)
 
 

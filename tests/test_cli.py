@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_compress.cli import CompressionCLI, main
+from lightning_compress.cli import CompressionCLI, main, report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -57,7 +58,7 @@ def test_help_lists_subcommands():
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_compress.cli"]
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "test", "predict", "report"):
         assert sub in proc.stdout
 
 
@@ -78,6 +79,20 @@ def test_fit_lenet300_yaml_reaches_target_sparsity(tmp_path):
     target = yaml.safe_load(LENET300.read_text())["trainer"]["callbacks"][0]["init_args"]["target_sparsity"]
     sparsity = _zero_fraction(state[f"fc{i}.weight"] for i in (1, 2, 3))
     assert sparsity == pytest.approx(target, abs=1e-3)
+
+    # `report` rebuilds the recipe's model, loads the checkpoint and summarizes what the run produced.
+    out = tmp_path / "summary.json"
+    main(["report", "--config", str(LENET300), "--ckpt_path", str(ckpt), "--json", str(out)])
+    totals = json.loads(out.read_text())["totals"]
+    weights = sum(state[f"fc{i}.weight"].numel() for i in (1, 2, 3))
+    biases = sum(state[f"fc{i}.bias"].numel() for i in (1, 2, 3))
+    assert totals["params"] == weights + biases
+    assert totals["nonzeros"] == int(sum((t != 0).sum() for t in state.values() if t.dtype.is_floating_point))
+    assert totals["compression_ratio"] > 5
+    assert report(["--config", str(LENET300)]).sparsity < 0.01  # no checkpoint: the fresh, dense model
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--config", str(LENET300), "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert exc.value.code == 2
 
 
 def test_cli_run_false_lenet5_two_four(tmp_path):
