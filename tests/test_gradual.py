@@ -154,6 +154,8 @@ def test_denormals_flushed_only_inside_the_optimizer_step(tmp_path: Path, flush:
         def on_train_batch_end(self, *args: Any) -> None:
             seen.append(flushing_denormals())
 
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
     assert not flushing_denormals()
     cb = GradualPruning(target_sparsity=0.5, end=8, frequency=2, flush_denormal=flush)
     trainer(tmp_path, [cb, Spy()], max_epochs=1).fit(TinyNet(), tiny_data())
