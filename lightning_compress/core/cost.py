@@ -137,27 +137,26 @@ def _conv_output_spatial(module: nn.Module, spatial_in: Sequence[int]) -> list[i
     return out
 
 
+def _conv_spatial(module: nn.Module, shape: Sequence[int], name: str) -> tuple[int, ...]:
+    """The spatial dims of a conv's (batched or unbatched) input or output ``shape``."""
+    n_spatial = len(module.kernel_size)
+    shape = tuple(shape)
+    if len(shape) not in (n_spatial + 1, n_spatial + 2):
+        raise ValueError(
+            f"`{name}` of a {type(module).__name__} must have {n_spatial + 2} dims "
+            f"(N, C, *spatial) or {n_spatial + 1} unbatched, got {shape!r}."
+        )
+    return shape[-n_spatial:]
+
+
 def _positions_conv(
     module: nn.Module, input_shape: Sequence[int] | None, output_shape: Sequence[int] | None
 ) -> int | None:
     """Number of output positions per sample of a convolution, or ``None`` when unknown."""
-    n_spatial = len(module.kernel_size)
     if output_shape is not None:
-        shape = tuple(output_shape)
-        if len(shape) not in (n_spatial + 1, n_spatial + 2):
-            raise ValueError(
-                f"`output_shape` of a {type(module).__name__} must have {n_spatial + 2} dims "
-                f"(N, C, *spatial) or {n_spatial + 1} unbatched, got {shape!r}."
-            )
-        return math.prod(shape[-n_spatial:])
+        return math.prod(_conv_spatial(module, output_shape, "output_shape"))
     if input_shape is not None:
-        shape = tuple(input_shape)
-        if len(shape) not in (n_spatial + 1, n_spatial + 2):
-            raise ValueError(
-                f"`input_shape` of a {type(module).__name__} must have {n_spatial + 2} dims "
-                f"(N, C, *spatial) or {n_spatial + 1} unbatched, got {shape!r}."
-            )
-        return math.prod(_conv_output_spatial(module, shape[-n_spatial:]))
+        return math.prod(_conv_output_spatial(module, _conv_spatial(module, input_shape, "input_shape")))
     return None
 
 

@@ -323,17 +323,17 @@ class GradualPruning(CompressionCallback):
 
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:
-        pairs = [
-            (self.masks.parameter(n), self._taylor[n])
-            for n in self.param_names
-            if self.masks.parameter(n).grad is not None
-        ]
-        if not pairs:
+        weights, accs = [], []
+        for n in self.param_names:
+            w = self.masks.parameter(n)
+            if w.grad is not None:
+                weights.append(w)
+                accs.append(self._taylor[n])
+        if not weights:
             return
-        weights, accs = zip(*pairs)
         prods = torch._foreach_mul([w.detach() for w in weights], [w.grad for w in weights])
         torch._foreach_abs_(prods)
-        torch._foreach_add_(list(accs), prods)
+        torch._foreach_add_(accs, prods)
 
     def _attach_activation_hooks(self, pl_module: pl.LightningModule) -> None:
         for name in self.module_names:
