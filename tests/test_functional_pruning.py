@@ -143,3 +143,214 @@ def test_masks_with_previous_rank_only_live_entries(
         newly = p & ~m
         if newly.any() and m.any():  # newly pruned live entries score no higher than any kept one
             assert s[newly].max() <= s[m].min()
+
+
+# ---------------------------------------------------------------------------- min_keep (density floors)
+def _floors_reference(
+    scores: list[torch.Tensor], sparsity: float, previous: list[torch.Tensor], min_keep: list[int]
+) -> list[torch.Tensor] | None:
+    """Brute force: sort every live entry, prune greedily from the lowest while its tensor is above its floor.
+
+    Returns None when the floors make the exact count infeasible.
+    """
+    sizes = [s.numel() for s in scores]
+    k = round(sparsity * sum(sizes))
+    keeps = [p.flatten().clone() for p in previous]
+    alive = [int(p.sum()) for p in keeps]
+    extra = k - (sum(sizes) - sum(alive))
+    if extra <= 0:
+        return [m.view_as(s) for m, s in zip(keeps, scores)]
+    floors = [min(m, a) for m, a in zip(min_keep, alive)]
+    if sum(floors) > sum(sizes) - k:
+        return None
+    live = [
+        (float(s.flatten()[j]), t, j)
+        for t, s in enumerate(scores)
+        for j in range(s.numel())
+        if bool(keeps[t][j])
+    ]
+    kept = list(alive)
+    for _, t, j in sorted(live):
+        if extra == 0:
+            break
+        if kept[t] > floors[t]:
+            keeps[t][j] = False
+            kept[t] -= 1
+            extra -= 1
+    assert extra == 0
+    return [m.view_as(s) for m, s in zip(keeps, scores)]
+
+
+def _check_against_reference(
+    scores: list[torch.Tensor],
+    sparsity: float,
+    previous: list[torch.Tensor],
+    min_keep: list[int],
+    masks: list[torch.Tensor],
+    ref: list[torch.Tensor],
+) -> None:
+    k = round(sparsity * sum(s.numel() for s in scores))
+    prev_dead = sum(int((~p).sum()) for p in previous)
+    assert [m.shape for m in masks] == [s.shape for s in scores]
+    assert all(m.dtype == torch.bool for m in masks)
+    assert sum(int((~m).sum()) for m in masks) == max(k, prev_dead)  # exact total count
+    for s, p, m, floor in zip(scores, previous, masks, min_keep):
+        assert not bool((m & ~p).any())  # monotone: nothing revived
+        assert int(m.sum()) >= min(floor, int(p.sum()))  # floor held
+        newly = p & ~m
+        if newly.any() and m.any():  # inside a tensor the lowest live entries go first
+            assert s[newly].max() <= s[m].min()
+    # Lowest-score choice under the floors: the multiset of newly pruned scores is the reference's
+    # (all optimal solutions of this partition-matroid greedy share it, whatever the tie-breaking).
+    got = torch.cat([s[p & ~m] for s, p, m in zip(scores, previous, masks)]).sort().values
+    want = torch.cat([s[p & ~r] for s, p, r in zip(scores, previous, ref)]).sort().values
+    assert torch.equal(got, want)
+    # Exchange condition: no kept entry of a tensor above its floor scores below a pruned entry.
+    floors = [min(f, int(p.sum())) for f, p in zip(min_keep, previous)]
+    pruned_max = max(
+        (float(s[p & ~m].max()) for s, p, m in zip(scores, previous, masks) if (p & ~m).any()), default=None
+    )
+    if pruned_max is not None:
+        for s, m, floor in zip(scores, masks, floors):
+            if int(m.sum()) > floor:
+                assert float(s[m].min()) >= pruned_max
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    st.floats(0.0, 0.99),
+    st.floats(0.0, 0.8),
+    st.integers(0, 10_000),
+    st.booleans(),
+)
+def test_min_keep_matches_brute_force(
+    sizes: list[int], sparsity: float, dead_frac: float, seed: int, ties: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # Ties: few distinct values, so many scores tie within and across tensors.
+    scores = [
+        torch.randint(0, 4, (n,), generator=gen).float() if ties else torch.rand(n, generator=gen)
+        for n in sizes
+    ]
+    previous = [torch.rand(n, generator=gen) >= dead_frac for n in sizes]
+    min_keep = [int(torch.randint(0, n + 2, (), generator=gen)) for n in sizes]
+    ref = _floors_reference(scores, sparsity, previous, min_keep)
+    if ref is None:
+        with pytest.raises(ValueError, match=r"`min_keep`=.* cannot be met"):
+            unstructured_masks(scores, sparsity, "global", previous, min_keep)
+        return
+    masks = unstructured_masks(scores, sparsity, "global", previous, min_keep)
+    _check_against_reference(scores, sparsity, previous, min_keep, masks, ref)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ties", [False, True])
+def test_min_keep_floors_binding_on_several_tensors(seed: int, ties: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # Low-scored tensors that a plain global threshold would empty, next to high-scored ones; the
+    # floors of the low ones bind, and clamping them raises the threshold so a middle one binds next.
+    shapes = [(8, 6), (30,), (5, 4, 2), (50,), (12,)]
+    offsets = [0.0, 0.0, 0.5, 2.0, 1.0]
+    scores = [
+        (torch.randint(0, 3, s, generator=gen).float() / 3 if ties else torch.rand(s, generator=gen)) + o
+        for s, o in zip(shapes, offsets)
+    ]
+    previous = [torch.rand(s, generator=gen) >= 0.2 for s in shapes]
+    min_keep = [10, 6, 12, 5, 4]
+    sparsity = 0.6
+    ref = _floors_reference(scores, sparsity, previous, min_keep)
+    assert ref is not None
+    masks = unstructured_masks(scores, sparsity, "global", previous, min_keep)
+    _check_against_reference(scores, sparsity, previous, min_keep, masks, ref)
+    plain = unstructured_masks(scores, sparsity, "global", previous)
+    alive = [int(p.sum()) for p in previous]
+    assert sum(int(m.sum()) < min(f, a) for m, f, a in zip(plain, min_keep, alive)) >= 2  # floors bind
+    assert [int(m.sum()) for m in masks][:2] == [min(10, alive[0]), min(6, alive[1])]
+
+
+def test_min_keep_small_example_exact() -> None:
+    scores = [
+        torch.tensor([0.1, 0.2, 0.3, 0.4]),
+        torch.tensor([0.5, 0.6, 0.7, 0.8]),
+        torch.tensor([0.9, 1.0]),
+    ]
+    # Prune 6 of 10: plain global empties tensor 0 and prunes 0.5, 0.6 of tensor 1.
+    assert [m.tolist() for m in unstructured_masks(scores, 0.6)] == [
+        [False] * 4,
+        [False, False, True, True],
+        [True, True],
+    ]
+    masks = unstructured_masks(scores, 0.6, min_keep=[2, 0, 0])
+    assert [m.tolist() for m in masks] == [
+        [False, False, True, True],  # top-2 kept
+        [False, False, False, False],  # the budget moves here
+        [True, True],
+    ]
+    masks = unstructured_masks(scores, 0.6, min_keep=[2, 1, 1])  # floors sum to the 4 kept: forced
+    assert [m.tolist() for m in masks] == [
+        [False, False, True, True],
+        [False, False, False, True],
+        [False, True],
+    ]
+    with pytest.raises(
+        ValueError, match=r"pruning exactly 6 of 10 entries keeps 4, but the floors .* need 5"
+    ):
+        unstructured_masks(scores, 0.6, min_keep=[2, 2, 1])
+
+
+def test_min_keep_cascade_second_floor_binds_only_after_the_first_clamp() -> None:
+    a, b, c = (
+        torch.tensor([0.1, 0.2, 0.3, 0.4]),
+        torch.tensor([1.1, 1.2, 1.3, 1.4]),
+        2 + torch.arange(1, 9) / 10,
+    )
+    # Prune 7 of 16. Plain threshold: all of a and 3 of b (b keeps 1 = its floor, fine; a breaks its
+    # floor 3). Clamping a hands 3 back: now all of b would go, below its floor 1; clamping b too
+    # moves the rest onto c.
+    masks = unstructured_masks([a, b, c], 7 / 16, min_keep=[3, 1, 0])
+    assert [m.tolist() for m in masks] == [
+        [False, True, True, True],
+        [False, False, False, True],
+        [False, False, False, True, True, True, True, True],
+    ]
+
+
+def test_min_keep_with_previous_below_floor_keeps_every_live_entry() -> None:
+    scores = [torch.arange(6.0), torch.arange(10.0, 16.0)]
+    previous = [torch.tensor([False, False, False, False, True, True]), torch.ones(6, dtype=torch.bool)]
+    masks = unstructured_masks(scores, 0.75, previous=previous, min_keep=[3, 0])  # prune 9 of 12
+    assert masks[0].tolist() == previous[0].tolist()  # 2 alive < floor 3: kept, not pruned further
+    assert int((~masks[1]).sum()) == 5  # the other 5 come from tensor 1, lowest first
+    assert masks[1].tolist() == [False] * 5 + [True]
+    # Already sparser than asked: unchanged, floors or not.
+    again = unstructured_masks(scores, 0.3, previous=masks, min_keep=[6, 6])
+    assert [m.tolist() for m in again] == [m.tolist() for m in masks]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.floats(0.0, 0.99), st.integers(0, 10_000))
+def test_min_keep_that_does_not_bind_is_the_plain_global_result(
+    sizes: list[int], sparsity: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(n, generator=gen) for n in sizes]
+    plain = unstructured_masks(scores, sparsity, "global")
+    loose = [int(m.sum()) for m in plain]  # floors exactly at what the plain threshold keeps
+    for min_keep in (None, [0] * len(sizes), loose):
+        masks = unstructured_masks(scores, sparsity, "global", min_keep=min_keep)
+        assert all(torch.equal(a, b) for a, b in zip(masks, plain))
+
+
+def test_min_keep_local_scope_ignores_it_and_validation() -> None:
+    scores = [torch.rand(10), torch.rand(20)]
+    local = unstructured_masks(scores, 0.5, "local", min_keep=[10, 20])
+    assert [int((~m).sum()) for m in local] == [5, 10]
+    with pytest.raises(ValueError, match=r"`min_keep` has 1 entries but there are 2 score tensors"):
+        unstructured_masks(scores, 0.5, min_keep=[1])
+    with pytest.raises(ValueError, match=r"`min_keep`\[1\]=-1 is not supported; expected a non-negative int"):
+        unstructured_masks(scores, 0.5, min_keep=[1, -1])
+    with pytest.raises(ValueError, match=r"`min_keep`\[0\]=1.5 is not supported"):
+        unstructured_masks(scores, 0.5, min_keep=[1.5, 1])
+    with pytest.raises(ValueError, match=r"`min_keep`=3 is not supported; expected a list"):
+        unstructured_masks(scores, 0.5, min_keep=3)

@@ -91,11 +91,104 @@ def _prune_lowest(scores: Tensor, alive: Tensor, k: int) -> Tensor:
     return keep
 
 
+def _kept_per_tensor(keep: Tensor, segments: Tensor, count: int) -> list[int]:
+    """Number of kept entries of every tensor in a concatenated keep-mask (one host sync)."""
+    return (
+        torch.zeros(count, dtype=torch.long, device=keep.device).index_add_(0, segments, keep.long()).tolist()
+    )
+
+
+def _segments(sizes: list[int], device: torch.device) -> Tensor:
+    """Tensor index of every entry of a concatenation of tensors with ``sizes`` entries."""
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, dtype=torch.long, device=device)
+    )
+
+
+def _validate_min_keep(min_keep: object, count: int) -> list[int]:
+    """Check ``min_keep`` (one non-negative int per score tensor) and return it as a list."""
+    if isinstance(min_keep, (str, Tensor)) or not isinstance(min_keep, Sequence):
+        raise ValueError(
+            f"`min_keep`={min_keep!r} is not supported; expected a list with one non-negative int per "
+            f"score tensor ({count} here), or None."
+        )
+    out = list(min_keep)
+    if len(out) != count:
+        raise ValueError(
+            f"`min_keep` has {len(out)} entries but there are {count} score tensors; expected one "
+            f"non-negative int per tensor."
+        )
+    for i, m in enumerate(out):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"`min_keep`[{i}]={m!r} is not supported; expected a non-negative int.")
+    return out
+
+
+def _global_masks_with_floors(
+    flat: list[Tensor], alive: list[Tensor], k: int, min_keep: list[int]
+) -> list[Tensor]:
+    """Global keep-masks pruning exactly ``k`` entries while every tensor keeps its floor.
+
+    Water-filling: prune the globally lowest live scores (one threshold); every tensor that would
+    drop below its floor ``min(min_keep[i], alive_i)`` is clamped to keep exactly its top-``floor``
+    live entries, and the rest of the budget is spread over the unclamped tensors with a new global
+    threshold. Clamping only hands budget back to the others, so their threshold only rises and a
+    clamped tensor stays clamped: at most one pass per tensor, usually one or two. The result is the
+    lowest-score choice under the floors (greedy on a partition matroid), ties aside.
+    """
+    sizes = [f.numel() for f in flat]
+    count = len(flat)
+    cat, alive_cat = torch.cat(flat), torch.cat(alive)
+    segments = _segments(sizes, cat.device)
+    alive_n = _kept_per_tensor(alive_cat, segments, count)
+    n_dead = sum(sizes) - sum(alive_n)
+    if k <= n_dead:  # nothing left to prune: previous masks unchanged (as without floors)
+        return list(alive_cat.split(sizes))
+    floors = [min(m, a) for m, a in zip(min_keep, alive_n)]
+    to_keep = sum(sizes) - k
+    if sum(floors) > to_keep:
+        raise ValueError(
+            f"`min_keep`={min_keep!r} cannot be met: pruning exactly {k} of {sum(sizes)} entries keeps "
+            f"{to_keep}, but the floors (capped at the {alive_n} entries still alive per tensor) need "
+            f"{sum(floors)}. Lower `min_keep` or the sparsity."
+        )
+    # Fast path: the plain global threshold; in most calls no floor binds.
+    keep_cat = _prune_lowest(cat, alive_cat, k)
+    kept = _kept_per_tensor(keep_cat, segments, count)
+    if all(c >= f for c, f in zip(kept, floors)):
+        return list(keep_cat.split(sizes))
+    keeps = list(keep_cat.split(sizes))
+    free = list(range(count))
+    budget = k - n_dead  # live entries still to prune, over the unclamped tensors
+    while True:
+        clamp = [i for i in free if kept[i] < floors[i]]
+        if not clamp:
+            break
+        for i in clamp:  # keep exactly the top-`floor` live entries
+            keeps[i] = _prune_lowest(flat[i], alive[i], sizes[i] - floors[i])
+            budget -= alive_n[i] - floors[i]
+        free = [i for i in free if i not in clamp]
+        # Feasibility guarantees at least one free tensor remains and 0 <= budget <= its live entries.
+        dead_free = sum(sizes[i] - alive_n[i] for i in free)
+        sub = _prune_lowest(
+            torch.cat([flat[i] for i in free]), torch.cat([alive[i] for i in free]), dead_free + budget
+        )
+        free_sizes = [sizes[i] for i in free]
+        for i, part in zip(free, sub.split(free_sizes)):
+            keeps[i] = part
+        sub_segments = _segments(free_sizes, cat.device)
+        kept = [floors[i] for i in range(count)]  # clamped tensors sit exactly at their floor
+        for i, c in zip(free, _kept_per_tensor(sub, sub_segments, len(free))):
+            kept[i] = c
+    return keeps
+
+
 def unstructured_masks(
     scores: Sequence[Tensor],
     sparsity: float,
     scope: str = "global",
     previous: Sequence[Tensor] | None = None,
+    min_keep: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Keep-masks that prune exactly ``round(sparsity * n)`` entries with the lowest scores.
 
@@ -107,29 +200,37 @@ def unstructured_masks(
         previous: Current keep-masks. Entries already pruned stay pruned (masks only shrink), which
             keeps a gradual schedule monotone even when many scores tie at zero. If more entries are
             already pruned than ``sparsity`` asks for, ``previous`` is returned unchanged.
+        min_keep: Global scope only (ignored, though validated, for local scope): per tensor, the
+            least number of entries that stay kept, a per-layer density floor so that a global
+            threshold cannot empty a layer. A tensor with fewer live entries than its floor keeps
+            all of them. Under the floors the lowest global scores are still pruned (water-filling:
+            tensors at their floor keep their top ``floor`` entries, the others share one threshold).
 
     Returns:
         Boolean keep-masks shaped like ``scores``. Exactly ``round(sparsity * n)`` entries are pruned
         (per tensor for local scope), which makes the reached sparsity exact.
+
+    Raises:
+        ValueError: For an unknown ``scope``, a malformed ``min_keep``, or floors that cannot be met
+            (their sum, each capped at the tensor's live entries, exceeds the entries left to keep).
     """
     if scope not in ("global", "local"):
         raise ValueError(f"`scope`={scope!r} is not supported; expected one of ['global', 'local'].")
+    floors = None if min_keep is None else _validate_min_keep(min_keep, len(scores))
     flat = [s.detach().float().flatten() for s in scores]
     alive = (
         [m.flatten() for m in previous]
         if previous is not None
         else [torch.ones_like(f, dtype=torch.bool) for f in flat]
     )
+    k = round(sparsity * sum(f.numel() for f in flat))
     if scope == "local":
         keeps = [_prune_lowest(f, a, round(sparsity * f.numel())) for f, a in zip(flat, alive)]
+    elif floors is not None and any(floors):
+        keeps = _global_masks_with_floors(flat, alive, k, floors)
     else:
-        cat = torch.cat(flat)
-        keeps = list(
-            _prune_lowest(cat, torch.cat(alive), round(sparsity * cat.numel())).split(
-                [f.numel() for f in flat]
-            )
-        )
-    return [k.view_as(s) for k, s in zip(keeps, scores)]
+        keeps = list(_prune_lowest(torch.cat(flat), torch.cat(alive), k).split([f.numel() for f in flat]))
+    return [m.view_as(s) for m, s in zip(keeps, scores)]
 
 
 def nm_mask(
