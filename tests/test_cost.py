@@ -117,14 +117,16 @@ def test_unsupported_module_is_named():
         dense_macs(nn.ConvTranspose2d(2, 2, 3))
 
 
-def test_layer_costs_skips_unsupported_and_keeps_order():
+def test_layer_costs_rows_in_module_order_and_parameter_free_modules_skipped():
+    # Changed deliberately: BatchNorm2d owns parameters, so it is a row now (0 MACs, 4 params).
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)
     )
     costs = layer_costs(model, torch.randn(1, 1, 8, 8))
-    assert [(c.name, c.kind) for c in costs] == [("0", "Conv2d"), ("4", "Linear")]
+    assert [(c.name, c.kind) for c in costs] == [("0", "Conv2d"), ("1", "BatchNorm2d"), ("4", "Linear")]
     assert costs[0].dense_macs == 2 * 6 * 6 * 9
-    assert costs[1].dense_macs == 72 * 3
+    assert (costs[1].params, costs[1].dense_macs, costs[1].calls, costs[1].macs_note) == (4, 0, 1, None)
+    assert costs[2].dense_macs == 72 * 3
 
 
 def test_shared_layer_sums_calls_and_unused_layer_costs_nothing():

@@ -1,4 +1,5 @@
 import csv
+import io
 import json
 import math
 import sys
@@ -8,11 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
+from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary, shorten_name
 
 
 def _half_zeroed_mlp() -> nn.Sequential:
@@ -73,7 +75,13 @@ def test_to_dict_is_json_serialisable():
         "effective_macs": 64,
         "dense_bytes": 576,
         "sparse_bytes": 338,
+        # New fields (deliberate addition): forward calls seen and why MACs may be 0 / None.
+        "calls": 1,
+        "macs_note": None,
     }
+    assert data["unattributed"] == {}
+    assert data["batch_size"] == 1
+    assert data["totals"]["total_macs"] == data["totals"]["dense_macs"] == 192
 
 
 def test_str_and_rich_table():
@@ -259,3 +267,174 @@ def test_callback_is_yaml_configurable():
     assert callback.example_input_shape == [1, 8]
     assert callback.plot is False
     assert callback.filename == "r.png"
+
+
+# ---------------------------------------------------------------- readable tables, complete data
+
+
+def _body_rows(text: str) -> list[list[str]]:
+    """Cells of every table body line (those between vertical borders)."""
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")
+    ]
+
+
+def _forty_layer_model() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 40, enable_nested_tensor=False)
+    # Names like "text_backbone.encoder.layers.39.self_attn.out_proj" (50 characters).
+    return nn.ModuleDict({"text_backbone": nn.ModuleDict({"encoder": encoder})})
+
+
+class _Forty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _forty_layer_model()
+
+    def forward(self, x):
+        return self.body["text_backbone"]["encoder"](x)
+
+
+def test_forty_layer_model_fits_100_columns_and_to_dict_keeps_full_names():
+    torch.manual_seed(0)
+    model = _Forty()
+    with torch.no_grad():
+        model.body.text_backbone.encoder.layers[7].linear1.weight[:4] = 0.0
+    summary = compression_summary(model, torch.randn(2, 3, 8))
+    assert len(summary.layers) == 40 * 6
+    text = str(summary)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    header = next(line for line in lines if line.startswith("┃"))
+    assert "Params" in header
+    assert "Sparsity" in header
+    assert "Eff. MACs" in header
+    rows = _body_rows(text)
+    assert rows[-1][0] == "TOTAL"
+    assert all(cell.strip("…") for row in rows for cell in row)  # no cell cut down to a bare "…"
+    names = [row[0] for row in rows[: len(summary.layers)]]
+    assert len(set(names)) == len(names)  # still tells the 240 rows apart
+    for cells, layer in zip(rows, summary.layers):
+        name = cells[0]
+        assert layer.name.endswith(name.rsplit("…", 1)[-1])  # the end of the name is kept...
+        assert name.rsplit(".", 1)[-1] == layer.name.rsplit(".", 1)[-1]  # ...with the last component
+        index = layer.name.split(".")[4]
+        assert f"{index}." in name  # and the layer index
+        assert f"{layer.params:,}" in cells
+        assert f"{layer.sparsity:.2%}" in cells
+    assert any("…" in name for name in names)
+    assert "names shortened" in text
+
+    data = json.loads(json.dumps(summary.to_dict(), allow_nan=False))
+    full = [name for name, module in model.named_modules() if list(module.parameters(recurse=False))]
+    assert [row["name"] for row in data["layers"]] == full
+    assert "body.text_backbone.encoder.layers.39.self_attn.out_proj" in full
+    assert set(data["layers"][0]) >= {"name", "kind", "params", "dense_macs", "macs_note", "calls"}
+    layer7 = next(row for row in data["layers"] if row["name"].endswith("layers.7.linear1"))
+    assert layer7["nonzeros"] == 16 * 8 - 4 * 8 + 16
+    assert data["totals"]["total_macs"] == summary.total_macs
+
+
+def test_table_fits_the_console_it_is_printed_to():
+    summary = compression_summary(_Forty(), torch.randn(1, 3, 8))
+    table = summary.to_rich_table()
+    assert isinstance(table, Table)
+    assert table.row_count == 40 * 6 + 1  # every row and TOTAL; full names until it is printed
+
+    def render(width: int) -> str:
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        console.print(table)
+        return console.file.getvalue()
+
+    narrow, wide = render(80), render(260)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert "Params" in narrow
+    assert "Sparsity" in narrow
+    assert max(len(line) for line in wide.splitlines()) <= 260
+    for needle in ("Type", "Dense MACs", "Non-zeros", "NonDynamicallyQua…", "layers.39.self_attn.out_proj"):
+        assert needle in wide
+    assert "body.text_backbone.encoder.layers.0.linear1" in wide  # whole names when there is room
+    fitted = summary.to_rich_table(width=120)
+    assert not isinstance(fitted, type(table))  # a plain, already-fitted table
+    with pytest.raises(ValueError, match=r"`width` must be None or a positive int, got 0"):
+        summary.to_rich_table(width=0)
+
+
+def test_unattributed_and_counted_in_parent_rows_in_table_and_totals():
+    class Mix(nn.Module):
+        def forward(self, x):
+            return torch.bmm(torch.bmm(x, x.transpose(1, 2)).softmax(-1), x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mix = Mix()
+            self.unused = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.mix(self.attn(x, x, x)[0])
+
+    summary = compression_summary(Model(), torch.randn(2, 4, 8))
+    assert summary.batch_size == 2
+    assert summary.unattributed == {"mix": 2 * 4 * 4 * 8}
+    assert summary.unattributed_macs == 256
+    assert summary.total_macs == summary.dense_macs + 256
+    assert summary.total_effective_macs == summary.effective_macs + 256
+    notes = {layer.name: layer.macs_note for layer in summary.layers}
+    assert notes == {"attn": None, "attn.out_proj": "counted in parent 'attn'", "unused": "not run"}
+
+    rows = {row[0]: row for row in _body_rows(str(summary))}
+    assert "in parent" in rows["attn.out_proj"]
+    assert "not run" in rows["unused"]
+    assert rows["mix"][rows["mix"].index("(no params)") + 1 :][:2] == ["-", "-"]  # params, non-zeros
+    assert "256" in rows["mix"]
+    assert "'in parent'" in str(summary)
+
+    data = summary.to_dict()
+    assert data["unattributed"] == {"mix": 256}
+    assert data["batch_size"] == 2
+    assert data["totals"]["unattributed_macs"] == 256
+    assert data["totals"]["total_macs"] == data["totals"]["dense_macs"] + 256
+
+
+def test_without_example_input_caption_and_no_unattributed():
+    summary = compression_summary(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    assert summary.batch_size is None
+    assert summary.unattributed == {}
+    assert summary.dense_macs is None  # the LayerNorm row has no shape formula
+    assert summary.layers[1].macs_note == "needs example_input"
+    assert "no example input" in str(summary)
+
+
+@pytest.mark.parametrize(
+    ("name", "width", "expected"),
+    [
+        ("encoder.layers.11.self_attn.out_proj", 40, "encoder.layers.11.self_attn.out_proj"),
+        ("encoder.layers.11.self_attn.out_proj", 24, "en…11.self_attn.out_proj"),
+        ("encoder.layers.11.self_attn.out_proj", 12, "enc…out_proj"),
+        ("a_very_long_single_component", 9, "a_ve…nent"),
+        ("abc", 1, "…"),
+    ],
+)
+def test_shorten_name(name, width, expected):
+    result = shorten_name(name, width)
+    assert result == expected
+    assert len(result) <= width
+
+
+def test_shorten_name_validates_width():
+    with pytest.raises(ValueError, match=r"`width` must be a positive int, got 0"):
+        shorten_name("a.b", 0)
+
+
+def test_missing_macs_are_marked_in_the_table_and_kept_in_to_dict():
+    summary = compression_summary(nn.Bilinear(4, 5, 3), (torch.randn(2, 4), torch.randn(2, 5)))
+    assert summary.uncounted == {"": ["aten._trilinear"]}
+    text = str(summary)
+    (row,) = (cells for cells in _body_rows(text) if cells[0] == "(root)")
+    assert "0?" in row
+    assert "torch has no flop formula for aten._trilinear (in '(root)')" in " ".join(text.split())
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["uncounted"] == {"": ["aten._trilinear"]}
+    assert "missing MACs of aten._trilinear" in data["layers"][0]["macs_note"]

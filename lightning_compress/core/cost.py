@@ -3,14 +3,43 @@
 This module is pure PyTorch (no Lightning import, no technique-specific code) so every technique,
 the report and the export code share one definition of "how big / how expensive is this layer".
 
-Supported layers are :class:`torch.nn.Linear`, :class:`torch.nn.Conv1d`, :class:`torch.nn.Conv2d`,
-:class:`torch.nn.Conv3d` (any ``groups``, ``stride``, ``dilation``, ``padding``) and
-:class:`torch.nn.Embedding` (parameters only: a lookup performs no multiply-accumulate).
+Rows. A *row* is every supported layer (:class:`torch.nn.Linear`, :class:`torch.nn.Conv1d`,
+:class:`torch.nn.Conv2d`, :class:`torch.nn.Conv3d`, :class:`torch.nn.Embedding`), every
+:class:`torch.nn.MultiheadAttention`, and every other module that directly owns parameters
+(``module.parameters(recurse=False)`` is non-empty: a normalization layer, a custom module with its
+own :class:`torch.nn.Parameter`, ...). A row's *weights* are its directly owned parameters whose
+name does not contain ``"bias"`` (for a supported layer: ``module.weight``).
+
+MACs with an example input (:func:`model_costs`, :func:`layer_costs`). ONE forward pass runs under
+:class:`torch.utils.flop_counter.FlopCounterMode`, so every matmul / convolution / attention op
+that PyTorch's own counter knows is counted, whichever module issued it (custom modules,
+``torch.matmul``, ``bmm``, ``einsum``, attention, factorized pairs). PyTorch counts 2 flops per
+multiply-accumulate, so ``MACs = flops / 2``. Each op is attributed to the innermost *row* whose
+forward is running when it executes, so a row's MACs are exclusive: its inclusive count minus the
+counts of the rows nested in it, and nothing is counted twice. Ops that run inside no row (a
+``bmm`` in a parameter-free attention module or in the root's forward) are *unattributed*, keyed
+by the innermost running module's name (``""`` for the root). Hence, per sample::
+
+    sum(row MACs) + sum(unattributed MACs) == FlopCounterMode total flops / 2 / batch_size
+
+An op that looks like a multiply-accumulate (``mm``, ``conv``, ``attention``, ``rnn``, ... in its
+name) but has no flop formula in torch (e.g. ``aten._trilinear`` of ``nn.Bilinear``) is reported in
+``ModelCost.uncounted`` and in the row's ``macs_note`` instead of silently counting 0. Formulas are
+added here for ops torch's registry lacks on CPU: the CPU attention kernel, ``mkldnn_rnn_layer``
+(``nn.LSTM``) and matrix-vector products.
+
+A row whose weights are used by another row's forward (``nn.MultiheadAttention`` applies its
+``out_proj`` weight through ``F.linear`` without calling ``out_proj``) has 0 MACs of its own and a
+``macs_note`` such as ``"counted in parent 'layers.0.self_attn'"``; a row the forward never
+reaches has ``macs_note="not run"``.
+
+MACs without an example input: the shape formula of :func:`dense_macs` for supported layers (a
+Linear counts one position, a convolution gives ``None``) and ``None`` for every other row.
 
 Formulas (one sample, i.e. the batch dimension is excluded):
 
-* MACs of a layer whose weight has ``W`` entries and which is applied at ``P`` output positions:
-  ``dense_macs = P * W``.
+* Shape formula (:func:`dense_macs`). MACs of a layer whose weight has ``W`` entries and which is
+  applied at ``P`` output positions: ``dense_macs = P * W``.
 
   - Linear on an input ``(N, *, in)``: ``P = prod(*)``, ``W = in * out``, so
     ``dense_macs = prod(*) * in * out``.
@@ -19,11 +48,15 @@ Formulas (one sample, i.e. the batch dimension is excluded):
     ``dense_macs = out.numel() / N * (C_in / groups) * prod(kernel)``.
   - Embedding: 0.
 
-* ``effective_macs = dense_macs * nnz(weight) / numel(weight)``: the MACs a sparse kernel that
-  skips zero weights performs (Han et al., 2015, "Learning both Weights and Connections for
-  Efficient Neural Networks"). Since ``dense_macs = P * W`` this is exactly ``P * nnz(weight)``.
+  The flop counter gives exactly these numbers for Linear and Conv layers.
 
-* ``dense_bytes = params * 4`` (fp32 storage of weight and bias).
+* ``effective_macs = dense_macs * nnz(W) / numel(W)`` where ``W`` are the weights of the row plus
+  the weights of other rows whose MACs the counter attributed to it (e.g. ``out_proj`` in
+  ``nn.MultiheadAttention``): the MACs a sparse kernel that skips zero weights performs (Han et
+  al., 2015, "Learning both Weights and Connections for Efficient Neural Networks"). For a Linear
+  or Conv this is exactly ``P * nnz(weight)``; a row without weights keeps ``dense_macs``.
+
+* ``dense_bytes = params * 4`` (fp32 storage of every directly owned parameter).
 
 * ``sparse_bytes = min(dense_bytes, nnz * 4 + min(ceil(params / 8), 4 * nnz))``: every non-zero
   value is kept in fp32, plus the cheaper of two index encodings: a bitmap with one bit per
@@ -34,20 +67,27 @@ Formulas (one sample, i.e. the batch dimension is excluded):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "BYTES_PER_VALUE",
     "SUPPORTED_LAYERS",
     "LayerCost",
+    "ModelCost",
     "count_nonzero_params",
     "dense_macs",
+    "is_cost_row",
     "layer_costs",
+    "model_costs",
     "sparse_storage_bytes",
 ]
 
@@ -57,27 +97,36 @@ BYTES_PER_VALUE = 4
 _COO_INDEX_BYTES = 4
 
 _CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Module types the cost model understands (``ConvTranspose*`` are not subclasses of these).
+#: Module types the shape formula understands (``ConvTranspose*`` are not subclasses of these).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV_LAYERS, nn.Embedding)
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Cost of one supported layer; see the module docstring for the formulas.
+    """Cost of one row (see the module docstring for what a row is and for the formulas).
 
     Attributes:
-        name: Fully qualified module name as given by ``model.named_modules()``.
-        kind: Class name of the module, e.g. ``"Linear"`` or ``"Conv2d"``.
-        params: Number of entries in weight and bias.
-        nonzeros: Number of non-zero entries in weight and bias.
+        name: Fully qualified module name as given by ``model.named_modules()`` (``""`` for the
+            root module).
+        kind: Class name of the module, e.g. ``"Linear"`` or ``"MultiheadAttention"``.
+        params: Number of entries of the directly owned parameters (weight and bias).
+        nonzeros: Number of non-zero entries among them.
         sparsity: ``1 - nonzeros / params`` (0.0 for a layer without parameters).
-        dense_macs: Multiply-accumulates of one sample with dense weights; ``None`` when a
-            convolution's output shape is unknown.
-        effective_macs: ``dense_macs`` scaled by the weight's non-zero fraction; ``None`` when
-            ``dense_macs`` is.
+        dense_macs: Multiply-accumulates of one sample with dense weights, exclusive of the rows
+            nested in this one; ``None`` when unknown (no example input and no shape formula).
+        effective_macs: ``dense_macs`` scaled by the non-zero fraction of the row's weights;
+            ``None`` when ``dense_macs`` is.
         dense_bytes: fp32 storage, ``params * 4``.
         sparse_bytes: Storage of the non-zero values plus the cheaper index encoding, capped at
             ``dense_bytes``.
+        calls: How many times the measured forward called the module; ``None`` when no forward
+            was run.
+        macs_note: Why ``dense_macs`` is 0 or ``None`` where that is not the whole story:
+            ``"counted in parent '<row>'"`` / ``"counted in '<row>'"`` (the weights were used by
+            that row's forward, which carries the MACs), ``"counted in unattributed '<module>'"``,
+            ``"used in ... without MACs"``, ``"not run"``, ``"weights also used in ..."`` (tied
+            weights), ``"needs example_input"``, ``"missing MACs of <ops> (no flop formula in
+            torch)"`` (joined to another note with ``"; "``); ``None`` otherwise.
     """
 
     name: str
@@ -89,10 +138,35 @@ class LayerCost:
     effective_macs: int | None
     dense_bytes: int
     sparse_bytes: int
+    calls: int | None = None
+    macs_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain, JSON-serialisable dictionary."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Every row of a model plus the MACs that fall in no row.
+
+    Attributes:
+        layers: One :class:`LayerCost` per row, in ``model.named_modules()`` order.
+        unattributed: MACs per sample the flop counter saw outside every row, keyed by the name of
+            the innermost module that was running (``""`` for the root's own forward). Empty when
+            no forward was run.
+        batch_size: The number of samples the measured flops were divided by; ``None`` when no
+            forward was run.
+        uncounted: Ops that look like multiply-accumulates (their name has a part such as ``mm``,
+            ``conv``, ``attention``, ``rnn``) but for which torch's counter has no flop formula, so
+            their MACs are missing: sorted op names keyed by the row (or, outside every row, the
+            module) that ran them. Rows in it also say so in their ``macs_note``.
+    """
+
+    layers: list[LayerCost]
+    unattributed: dict[str, int]
+    batch_size: int | None
+    uncounted: dict[str, list[str]] = field(default_factory=dict)
 
 
 def sparse_storage_bytes(numel: int, nonzeros: int, value_bytes: int = BYTES_PER_VALUE) -> int:
@@ -274,28 +348,264 @@ def _to_device(obj: Any, device: torch.device | None) -> Any:
     return obj
 
 
-def _record_shapes(model: nn.Module, example_input: Any) -> dict[str, list[tuple[Any, Any]]]:
-    """Run one forward in eval mode and record (input_shape, output_shape) per supported layer call."""
-    calls: dict[str, list[tuple[Any, Any]]] = {}
-    handles = []
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
-            out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-            calls.setdefault(name, []).append((in_shape, out_shape))
 
-        return hook
+def _check_batch_size(batch_size: Any) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"`batch_size` must be None or a positive int, got {batch_size!r}.")
+
+
+def _infer_batch_size(example_input: Any) -> int:
+    """Dim 0 of the first tensor of ``example_input``; 1 if that tensor has fewer than 2 dims."""
+    tensor = _first_tensor(example_input)
+    if tensor is None or tensor.dim() < 2:
+        return 1
+    size = int(tensor.shape[0])
+    if size < 1:
+        raise ValueError(
+            f"`example_input` has an empty batch (dim 0 of its first tensor is 0, shape "
+            f"{tuple(tensor.shape)!r}); pass at least one sample."
+        )
+    return size
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def is_cost_row(module: nn.Module) -> bool:
+    """Whether ``module`` gets its own row in :func:`model_costs`.
+
+    A row is a supported layer, an ``nn.MultiheadAttention``, or any module with directly owned
+    parameters (``module.parameters(recurse=False)`` non-empty). The parameter
+    holders of :mod:`torch.nn.utils.parametrize` are not rows: their layer is.
+    """
+    if isinstance(module, ParametrizationList):
+        return False
+    if isinstance(module, (*SUPPORTED_LAYERS, nn.MultiheadAttention)):
+        return True
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _row_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(weights, other parameters)`` of a row; other = names containing ``"bias"``."""
+    if isinstance(module, SUPPORTED_LAYERS):
+        bias = getattr(module, "bias", None)
+        return [module.weight], [] if bias is None else [bias]
+    weights, others = [], []
+    for name, param in module.named_parameters(recurse=False):
+        (others if "bias" in name else weights).append(param)
+    return weights, others
+
+
+def _check_initialized(module: nn.Module) -> None:
+    tensors = [module.weight] if isinstance(module, SUPPORTED_LAYERS) else module.parameters(recurse=False)
+    if any(isinstance(t, nn.parameter.UninitializedParameter) for t in tensors):
+        raise ValueError(
+            f"{type(module).__name__} has uninitialized (lazy) parameters; run one forward pass "
+            "before computing its cost."
+        )
+
+
+# --------------------------------------------------------------------------- measurement
+
+_aten = torch.ops.aten
+
+
+def _mv_flop(mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat_shape[0] * mat_shape[1]
+
+
+def _addmv_flop(self_shape, mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return _mv_flop(mat_shape, vec_shape)
+
+
+def _dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """``q @ k^T`` plus ``scores @ v``, as torch's own formula for the CUDA attention kernels."""
+    batch = math.prod(query_shape[:-2])
+    s_q, d_qk = query_shape[-2:]
+    return 2 * batch * s_q * key_shape[-2] * (d_qk + value_shape[-1])
+
+
+def _rnn_layer_flop(input_shape, weight_ih_shape, weight_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """One RNN layer and direction: both weight matrices at every (step, sample) position."""
+    return 2 * math.prod(input_shape[:-1]) * (math.prod(weight_ih_shape) + math.prod(weight_hh_shape))
+
+
+#: Ops torch's flop registry does not know that still do MACs (the CPU attention and LSTM kernels,
+#: matrix-vector products); 2 flops per MAC, like the registry.
+_EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
+    _aten.mv: _mv_flop,
+    _aten.addmv: _addmv_flop,
+    _aten.dot: _dot_flop,
+    _aten.vdot: _dot_flop,
+}
+for _name, _formula in (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flop),
+    ("mkldnn_rnn_layer", _rnn_layer_flop),
+):
+    if hasattr(_aten, _name):  # both exist in torch >= 2.2
+        _EXTRA_FLOP_FORMULAS[getattr(_aten, _name)] = _formula
+del _name, _formula
+
+#: Name parts of ops that multiply-accumulate. Such an op without a flop formula is reported as
+#: uncounted (``aten._trilinear`` of ``nn.Bilinear``, ``aten._cudnn_rnn``, int8 / int4 matmuls, ...)
+#: rather than silently counted as 0.
+_MAC_OP_TOKENS = frozenset(
+    {
+        "mm", "bmm", "addmm", "baddbmm", "matmul", "mv", "addmv", "dot", "vdot", "einsum", "tensordot",
+        "linear", "bilinear", "trilinear", "conv", "conv1d", "conv2d", "conv3d", "convolution",
+        "attention", "transformer", "rnn", "lstm", "gru",
+    }
+)  # fmt: skip
+
+
+def _op_name(func: Any) -> str:
+    return str(getattr(func, "_overloadpacket", func))
+
+
+def _may_do_macs(name: str) -> bool:
+    return not _MAC_OP_TOKENS.isdisjoint(name.replace(".", "_").split("_"))
+
+
+#: Where an op's flops go: ``(True, row name)`` or ``(False, name of a module that is no row)``.
+_Target = tuple[bool, str]
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int | None:
+    try:
+        ptr = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without storage
+        return None
+    return ptr or None  # 0: meta tensors and empty storages identify nothing
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _iter_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _iter_tensors(item)
+
+
+class _AttributionMode(TorchDispatchMode):
+    """Attributes each op's flops to the current target.
+
+    Sits above the flop counter's own dispatch mode, reads how much the counter's total grew while
+    the op ran, and records which targets used each row's weights (by storage, so views such as
+    ``weight.t()`` count).
+    """
+
+    def __init__(
+        self,
+        counter: FlopCounterMode,
+        target: Callable[[], _Target],
+        weight_owners: dict[int, list[str]],
+    ) -> None:
+        super().__init__()
+        self.counter = counter
+        self.target = target
+        self.weight_owners = weight_owners
+        self.flops: dict[_Target, int] = defaultdict(int)
+        #: row name -> {target that used its weights: whether that op had flops}
+        self.uses: dict[str, dict[_Target, bool]] = defaultdict(dict)
+        #: target -> names of MAC-like ops the counter has no formula for
+        self.uncounted: dict[_Target, set[str]] = defaultdict(set)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)  # runs (and is counted) in the flop counter's mode below
+        flops = self.counter.get_total_flops() - before
+        where = self.target()
+        if flops:
+            self.flops[where] += flops
+        elif getattr(func, "_overloadpacket", None) not in self.counter.flop_registry:
+            name = _op_name(func)
+            if _may_do_macs(name):
+                self.uncounted[where].add(name)
+        for tensor in _iter_tensors((args, kwargs)):
+            for owner in self.weight_owners.get(_storage_ptr(tensor), ()):
+                seen = self.uses[owner]
+                seen[where] = seen.get(where, False) or flops > 0
+        return out
+
+
+@dataclass
+class _Measurement:
+    flops: dict[_Target, int]
+    calls: dict[str, int]
+    uses: dict[str, dict[_Target, bool]]
+    uncounted: dict[_Target, set[str]]
+
+
+def _measure(model: nn.Module, example_input: Any, rows: list[tuple[str, nn.Module]]) -> _Measurement:
+    """One eval-mode, no-grad forward under ``FlopCounterMode``, attributing flops to rows."""
+    row_ids = {id(module) for _, module in rows}
+    stack: list[_Target] = []
+    calls: dict[str, int] = defaultdict(int)
+
+    def target() -> _Target:
+        for entry in reversed(stack):
+            if entry[0]:
+                return entry
+        return stack[-1] if stack else (False, "")
+
+    def make_hooks(name: str, is_row: bool):
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            stack.append((is_row, name))
+            if is_row:
+                calls[name] += 1
+
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            stack.pop()
+
+        return pre_hook, post_hook
+
+    weight_owners: dict[int, list[str]] = defaultdict(list)
+    for name, module in rows:
+        for weight in _row_tensors(module)[0]:
+            ptr = _storage_ptr(weight)
+            if ptr is not None:
+                weight_owners[ptr].append(name)
 
     # Remember every module's own flag: a model may keep parts (a frozen teacher) in eval on purpose.
     modes = [(module, module.training) for module in model.modules()]
     example_input = _to_device(example_input, _model_device(model))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles = []
     try:
-        for name, module in _iter_supported(model):
-            handles.append(module.register_forward_hook(make_hook(name)))
-        # Eval so BatchNorm/Dropout neither update state nor reject a batch of one.
+        for name, module in model.named_modules():
+            pre_hook, post_hook = make_hooks(name, id(module) in row_ids)
+            # Outermost hooks, so ops in the user's own hooks belong to the module they hook.
+            handles.append(module.register_forward_pre_hook(pre_hook, prepend=True))
+            handles.append(module.register_forward_hook(post_hook, always_call=True))
+        # Eval so BatchNorm/Dropout neither update state nor reject a batch of one; no MHA fast path
+        # (its fused kernels are invisible to the flop counter).
         model.eval()
-        with torch.no_grad():
+        torch.backends.mha.set_fastpath_enabled(False)
+        with (
+            torch.no_grad(),
+            FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter,
+            _AttributionMode(counter, target, dict(weight_owners)) as attribution,
+        ):
             if isinstance(example_input, (tuple, list)):
                 model(*example_input)
             elif isinstance(example_input, dict):
@@ -303,61 +613,135 @@ def _record_shapes(model: nn.Module, example_input: Any) -> dict[str, list[tuple
             else:
                 model(example_input)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         for module, training in modes:
             module.training = training
-    return calls
+    return _Measurement(
+        flops=dict(attribution.flops),
+        calls=dict(calls),
+        uses=dict(attribution.uses),
+        uncounted=dict(attribution.uncounted),
+    )
 
 
-def layer_costs(model: nn.Module, example_input: Any = None) -> list[LayerCost]:
-    """Compute the :class:`LayerCost` of every supported layer of ``model``, in module order.
+def _per_sample(flops: int, batch_size: int) -> int:
+    """``flops / 2 / batch_size`` rounded half up, in integers (exact for huge counts)."""
+    return (flops + batch_size) // (2 * batch_size)
 
-    Without ``example_input`` the MACs follow :func:`dense_macs` with unknown shapes (a Linear
-    counts one position, a convolution gives ``None``). With it, ONE forward pass is run under
-    :func:`torch.no_grad` in eval mode with forward hooks that record each layer's input and
-    output shape; the hooks are removed and every module's training flag is restored afterwards,
-    even if the forward raises. A layer called several times sums its calls; a layer the forward
-    never reaches costs 0 MACs.
 
-    Formulas (see the module docstring): ``params = numel(weight) + numel(bias)``,
-    ``nonzeros`` counted with one :func:`torch.count_nonzero` per tensor,
-    ``sparsity = 1 - nonzeros / params``,
-    ``effective_macs = dense_macs * nnz(weight) / numel(weight)``, ``dense_bytes = 4 * params``,
+def _describe(where: _Target, row: str) -> str:
+    is_row, name = where
+    label = f"'{name or '(root)'}'"
+    if not is_row:
+        return f"unattributed {label}"
+    if name == row:
+        return label
+    return f"parent {label}" if name == "" or row.startswith(name + ".") else label
+
+
+def _note(row: str, calls: int, uses: dict[_Target, bool]) -> str | None:
+    elsewhere = {where: had_flops for where, had_flops in uses.items() if where != (True, row)}
+    with_flops = [_describe(where, row) for where, had in elsewhere.items() if had]
+    if calls:
+        return f"weights also used in {', '.join(with_flops)}" if with_flops else None
+    if with_flops:
+        return f"counted in {', '.join(with_flops)}"
+    if elsewhere:
+        return f"used in {', '.join(_describe(where, row) for where in elsewhere)} without MACs"
+    return "not run"
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def model_costs(model: nn.Module, example_input: Any = None, *, batch_size: int | None = None) -> ModelCost:
+    """Compute the :class:`LayerCost` of every row of ``model`` and the MACs outside all rows.
+
+    Without ``example_input`` no forward runs: supported layers follow :func:`dense_macs` with
+    unknown shapes (a Linear counts one position, a convolution gives ``None``), other rows get
+    ``None`` MACs (``macs_note="needs example_input"``) and ``unattributed`` is empty.
+
+    With it, ONE forward pass runs under :func:`torch.no_grad` in eval mode (with the
+    ``nn.MultiheadAttention`` fast path off) inside
+    :class:`torch.utils.flop_counter.FlopCounterMode`; each op's flops go to the innermost row whose
+    forward is running, or to ``unattributed[<innermost module>]`` when no row is. Per sample,
+    ``MACs = flops / 2 / batch_size`` (rounded half up), so
+    ``sum(row MACs) + sum(unattributed) == total flops / 2 / batch_size``. A module called several
+    times sums its calls. The hooks are removed and every module's training flag and the fast-path
+    flag are restored afterwards, even if the forward raises.
+
+    Formulas (see the module docstring): ``params = sum(numel(p))`` over directly owned
+    parameters, ``nonzeros`` counted with one :func:`torch.count_nonzero` per tensor,
+    ``sparsity = 1 - nonzeros / params``, ``effective_macs = dense_macs * nnz(W) / numel(W)``,
+    ``dense_bytes = 4 * params``,
     ``sparse_bytes = min(dense_bytes, 4 * nonzeros + min(ceil(params / 8), 4 * nonzeros))``.
 
     Args:
         model: The model to analyse.
         example_input: A tensor, a tuple/list of positional tensors, or a dict of keyword
             tensors to feed ``model``. Moved to the model's device.
+        batch_size: Samples in ``example_input``. ``None`` takes dim 0 of its first tensor
+            (depth first through tuples, lists and dict values), or 1 if that tensor has fewer
+            than 2 dims. Pass it for inputs whose batch is not dim 0, e.g. ``(L, N, E)`` for
+            ``nn.MultiheadAttention(batch_first=False)`` or an unbatched ``(C, H, W)`` image.
 
     Returns:
-        One :class:`LayerCost` per supported layer, in ``model.named_modules()`` order.
+        The :class:`ModelCost`.
 
     Raises:
         TypeError: If ``model`` is not an :class:`torch.nn.Module`.
+        ValueError: If ``batch_size`` is not a positive int, the inferred batch is empty, or a row
+            has uninitialized (lazy) parameters.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    calls = _record_shapes(model, example_input) if example_input is not None else None
+    _check_batch_size(batch_size)
+    rows = [(name, module) for name, module in model.named_modules() if is_cost_row(module)]
+    for _, module in rows:
+        _check_initialized(module)
+
+    measurement = None
+    if example_input is not None:
+        batch_size = batch_size if batch_size is not None else _infer_batch_size(example_input)
+        measurement = _measure(model, example_input, rows)
+    else:
+        batch_size = None
+
+    tensors = {name: _row_tensors(module) for name, module in rows}
+    absorbed: dict[str, list[str]] = defaultdict(list)  # row -> other rows whose weights it used
+    if measurement is not None:
+        for owner, uses in measurement.uses.items():
+            for (is_row, where), had_flops in uses.items():
+                if is_row and had_flops and where != owner:
+                    absorbed[where].append(owner)
 
     costs = []
-    for name, module in _iter_supported(model):
-        _check_supported(module)
-        weight, bias = module.weight, getattr(module, "bias", None)
-        weight_numel = weight.numel()
-        weight_nnz = _count_nonzero(weight)
-        params = weight_numel + (bias.numel() if bias is not None else 0)
-        nonzeros = weight_nnz + _count_nonzero(bias)
-
-        if calls is None:
-            macs = dense_macs(module)
+    for name, module in rows:
+        weights, others = tensors[name]
+        params = sum(t.numel() for t in weights) + sum(t.numel() for t in others)
+        nonzeros = sum(_count_nonzero(t) for t in weights) + sum(_count_nonzero(t) for t in others)
+        calls = note = None
+        if measurement is None:
+            macs = dense_macs(module) if isinstance(module, SUPPORTED_LAYERS) else None
+            if macs is None:
+                note = "needs example_input"
         else:
-            layer_calls = calls.get(name, [])
-            per_call = [dense_macs(module, in_shape, out_shape) for in_shape, out_shape in layer_calls]
-            macs = None if any(m is None for m in per_call) else sum(per_call)
-        # dense_macs is a multiple of weight_numel, so this integer division is exact.
-        effective = None if macs is None else (macs * weight_nnz // weight_numel if weight_numel else 0)
+            calls = measurement.calls.get(name, 0)
+            macs = _per_sample(measurement.flops.get((True, name), 0), batch_size)
+            note = _note(name, calls, measurement.uses.get(name, {}))
+            missing = measurement.uncounted.get((True, name))
+            if missing:
+                text = f"missing MACs of {', '.join(sorted(missing))} (no flop formula in torch)"
+                note = text if note is None else f"{note}; {text}"
+
+        effective = None
+        if macs is not None:
+            density_tensors = weights + [w for other in absorbed.get(name, ()) for w in tensors[other][0]]
+            numel = sum(t.numel() for t in density_tensors)
+            nnz = sum(_count_nonzero(t) for t in density_tensors)
+            effective = macs * nnz // numel if numel else macs
 
         costs.append(
             LayerCost(
@@ -370,6 +754,41 @@ def layer_costs(model: nn.Module, example_input: Any = None) -> list[LayerCost]:
                 effective_macs=effective,
                 dense_bytes=params * BYTES_PER_VALUE,
                 sparse_bytes=sparse_storage_bytes(params, nonzeros),
+                calls=calls,
+                macs_note=note,
             )
         )
-    return costs
+    unattributed: dict[str, int] = {}
+    uncounted: dict[str, list[str]] = {}
+    if measurement is not None:
+        unattributed = {
+            where: _per_sample(flops, batch_size)
+            for (is_row, where), flops in measurement.flops.items()
+            if not is_row
+        }
+        uncounted = {where: sorted(ops) for (_, where), ops in measurement.uncounted.items()}
+    return ModelCost(layers=costs, unattributed=unattributed, batch_size=batch_size, uncounted=uncounted)
+
+
+def layer_costs(
+    model: nn.Module, example_input: Any = None, *, batch_size: int | None = None
+) -> list[LayerCost]:
+    """The rows of :func:`model_costs`: one :class:`LayerCost` per row, in module order.
+
+    See :func:`model_costs` for the measurement, the formulas and the arguments; the MACs that
+    fall in no row are only in ``model_costs(...).unattributed``.
+
+    Args:
+        model: The model to analyse.
+        example_input: A tensor, a tuple/list of positional tensors, or a dict of keyword
+            tensors to feed ``model``; ``None`` runs no forward.
+        batch_size: Samples in ``example_input``; ``None`` infers it (see :func:`model_costs`).
+
+    Returns:
+        One :class:`LayerCost` per row, in ``model.named_modules()`` order.
+
+    Raises:
+        TypeError: If ``model`` is not an :class:`torch.nn.Module`.
+        ValueError: As :func:`model_costs`.
+    """
+    return model_costs(model, example_input, batch_size=batch_size).layers

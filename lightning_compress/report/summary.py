@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from torch import nn
 
-from lightning_compress.core.cost import LayerCost, layer_costs
+from lightning_compress.core.cost import LayerCost, model_costs
 
-__all__ = ["CompressionSummary", "compression_summary", "format_bytes", "format_count"]
+__all__ = ["CompressionSummary", "compression_summary", "format_bytes", "format_count", "shorten_name"]
+
+#: Width ``str(summary)`` renders at: a common terminal.
+STR_WIDTH = 100
+#: Layer names up to this many cells (or 2/5 of the width) are kept whole, hiding columns if needed.
+_NAME_TARGET = 40
+#: Narrowest Layer column the layout shortens names to.
+_MIN_NAME = 12
+#: Longest class name shown in the Type column before it is cut with an ellipsis.
+_MAX_KIND = 18
+#: (key, header, justify) in display order.
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("layer", "Layer", "left"),
+    ("type", "Type", "left"),
+    ("params", "Params", "right"),
+    ("nonzeros", "Non-zeros", "right"),
+    ("sparsity", "Sparsity", "right"),
+    ("dense_macs", "Dense MACs", "right"),
+    ("effective_macs", "Eff. MACs", "right"),
+    ("dense_bytes", "Dense", "right"),
+    ("sparse_bytes", "Sparse", "right"),
+    ("ratio", "Ratio", "right"),
+)
+#: Columns hidden first to last while the table is too wide; Layer, Params and Sparsity always stay.
+_DROP_ORDER = ("dense_bytes", "dense_macs", "nonzeros", "type", "ratio", "sparse_bytes", "effective_macs")
 
 
 def format_bytes(num: int | float) -> str:
@@ -41,27 +68,124 @@ def format_count(num: int | float | None) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def shorten_name(name: str, width: int) -> str:
+    """Fit a dotted module name into ``width`` characters with a middle ellipsis.
+
+    The last component is always kept, then as many whole components before it as fit, then the
+    start of the name: ``shorten_name("encoder.layers.11.self_attn.out_proj", 24)`` is
+    ``"en…11.self_attn.out_proj"``. A last component that alone does not fit keeps both ends of
+    the name instead. Names that fit are returned unchanged.
+
+    Args:
+        name: The name to shorten.
+        width: Maximum length of the result, at least 1.
+
+    Returns:
+        ``name`` itself, or a string of exactly ``width`` characters containing ``"…"``.
+
+    Raises:
+        ValueError: If ``width`` is not a positive int.
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"`width` must be a positive int, got {width!r}.")
+    if len(name) <= width:
+        return name
+    if width == 1:
+        return "…"
+    parts = name.split(".")
+    tail = parts[-1]
+    if len(tail) + 1 > width:
+        head = (width - 1) // 2
+        return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+    for part in reversed(parts[:-1]):
+        candidate = f"{part}.{tail}"
+        if len(candidate) + 1 > width:
+            break
+        tail = candidate
+    return name[: width - 1 - len(tail)] + "…" + tail
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _ratio(dense: int, sparse: int) -> str:
+    if sparse == 0:
+        return "1.00x" if dense == 0 else "inf"
+    return f"{dense / sparse:.2f}x"
+
+
+def _macs_cell(value: int | None, note: str | None) -> str:
+    """The MAC count, or a short marker when the row's MACs are carried by another row.
+
+    A ``?`` follows a count that misses the MACs of ops torch's counter has no formula for.
+    """
+    if note and "missing MACs" in note:
+        return format_count(value) + "?"
+    if note and not value:
+        if note.startswith("counted in parent"):
+            return "in parent"
+        if note.startswith("counted in"):
+            return "elsewhere"
+        if note == "not run":
+            return "not run"
+    return format_count(value)
+
+
+def _kind_cell(kind: str) -> str:
+    return kind if len(kind) <= _MAX_KIND else kind[: _MAX_KIND - 1] + "…"
+
+
+class _FittingTable(Table):
+    """A full :class:`~rich.table.Table` that lays itself out again for the width it is printed at.
+
+    ``to_rich_table()`` returns one, so a console of any width (a terminal, a log at 120 columns)
+    gets readable names and whole columns instead of cells squeezed to ``…``.
+    """
+
+    def __init__(self, fit: Callable[[int], Table], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fit = fit
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._fit(options.max_width)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self._fit(options.max_width))
+
+
 @dataclass
 class CompressionSummary:
-    """Per-layer costs of a model and their totals.
+    """Per-row costs of a model, the MACs outside every row, and their totals.
 
     Attributes:
-        layers: One :class:`~lightning_compress.core.cost.LayerCost` per supported layer.
+        layers: One :class:`~lightning_compress.core.cost.LayerCost` per row (every supported
+            layer, ``nn.MultiheadAttention`` and any module that directly owns parameters).
+        unattributed: MACs per sample the flop counter saw outside every row, keyed by the name
+            of the innermost running module (``""``: the root's own forward). Empty without an
+            example input.
+        batch_size: Samples in the example input the MACs were divided by; ``None`` when no
+            forward was run (MACs from the shape formula).
+        uncounted: Ops that look like multiply-accumulates but have no flop formula in torch, so
+            their MACs are missing, keyed by the row or module that ran them (see
+            :class:`~lightning_compress.core.cost.ModelCost`). Marked ``?`` in the table.
 
-    The totals are properties summed over ``layers``: ``params``, ``nonzeros``, ``sparsity``,
-    ``dense_macs`` and ``effective_macs`` (``None`` if any layer's MACs are unknown),
-    ``dense_bytes``, ``sparse_bytes`` and ``compression_ratio`` (``dense_bytes / sparse_bytes``).
+    The totals are properties: ``params``, ``nonzeros``, ``sparsity``, ``dense_macs`` and
+    ``effective_macs`` (sums over ``layers``; ``None`` if any row's MACs are unknown),
+    ``unattributed_macs`` (sum of ``unattributed``), ``total_macs = dense_macs + unattributed_macs``
+    and ``total_effective_macs = effective_macs + unattributed_macs`` (everything the counter saw,
+    per sample), ``dense_bytes``, ``sparse_bytes`` and ``compression_ratio``
+    (``dense_bytes / sparse_bytes``).
     """
 
     layers: list[LayerCost] = field(default_factory=list)
+    unattributed: dict[str, int] = field(default_factory=dict)
+    batch_size: int | None = None
+    uncounted: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
-        """Total parameters (weights and biases) of the supported layers."""
+        """Total parameters (weights and biases) of the rows."""
         return sum(layer.params for layer in self.layers)
 
     @property
@@ -71,21 +195,38 @@ class CompressionSummary:
 
     @property
     def sparsity(self) -> float:
-        """``1 - nonzeros / params`` over all supported layers (0.0 when there are none)."""
+        """``1 - nonzeros / params`` over all rows (0.0 when there are none)."""
         params = self.params
         return 1.0 - self.nonzeros / params if params else 0.0
 
     @property
     def dense_macs(self) -> int | None:
-        """Total dense MACs of one sample, ``None`` if any layer's MACs are unknown."""
+        """Sum of the rows' dense MACs of one sample, ``None`` if any row's MACs are unknown."""
         values = [layer.dense_macs for layer in self.layers]
         return None if any(v is None for v in values) else sum(values)
 
     @property
     def effective_macs(self) -> int | None:
-        """Total MACs that skip zero weights, ``None`` if any layer's MACs are unknown."""
+        """Sum of the rows' MACs that skip zero weights, ``None`` if any row's MACs are unknown."""
         values = [layer.effective_macs for layer in self.layers]
         return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def unattributed_macs(self) -> int:
+        """MACs of one sample that fall in no row (0 without an example input)."""
+        return sum(self.unattributed.values())
+
+    @property
+    def total_macs(self) -> int | None:
+        """``dense_macs + unattributed_macs``: all MACs of one sample the counter saw."""
+        dense = self.dense_macs
+        return None if dense is None else dense + self.unattributed_macs
+
+    @property
+    def total_effective_macs(self) -> int | None:
+        """``effective_macs + unattributed_macs`` (unattributed MACs use no weight to skip)."""
+        effective = self.effective_macs
+        return None if effective is None else effective + self.unattributed_macs
 
     @property
     def dense_bytes(self) -> int:
@@ -94,7 +235,7 @@ class CompressionSummary:
 
     @property
     def sparse_bytes(self) -> int:
-        """Total sparse storage in bytes (values plus the cheaper index encoding per layer)."""
+        """Total sparse storage in bytes (values plus the cheaper index encoding per row)."""
         return sum(layer.sparse_bytes for layer in self.layers)
 
     @property
@@ -113,91 +254,209 @@ class CompressionSummary:
             "sparsity": self.sparsity,
             "dense_macs": self.dense_macs,
             "effective_macs": self.effective_macs,
+            "unattributed_macs": self.unattributed_macs,
+            "total_macs": self.total_macs,
+            "total_effective_macs": self.total_effective_macs,
             "dense_bytes": self.dense_bytes,
             "sparse_bytes": self.sparse_bytes,
             "compression_ratio": self.compression_ratio,
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Return ``{"layers": [...], "totals": {...}}``, JSON-ready; an infinite ratio becomes ``None``."""
+        """Return every field, JSON-ready, with full names; an infinite ratio becomes ``None``.
+
+        Keys: ``layers`` (each :meth:`LayerCost.to_dict`), ``unattributed``, ``batch_size``,
+        ``uncounted`` and ``totals`` (:meth:`totals`).
+        """
         totals = self.totals()
         totals["compression_ratio"] = _finite_or_none(totals["compression_ratio"])
-        return {"layers": [layer.to_dict() for layer in self.layers], "totals": totals}
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "unattributed": dict(self.unattributed),
+            "batch_size": self.batch_size,
+            "uncounted": {name: list(ops) for name, ops in self.uncounted.items()},
+            "totals": totals,
+        }
 
-    def to_rich_table(self) -> Table:
-        """Render the per-layer rows and a TOTAL row as a :class:`rich.table.Table`."""
-        table = Table(title="Compression summary")
-        table.add_column("Layer", no_wrap=True)
-        table.add_column("Type")
-        for header in (
-            "Params",
-            "Non-zeros",
-            "Sparsity",
-            "Dense MACs",
-            "Eff. MACs",
-            "Dense",
-            "Sparse",
-            "Ratio",
-        ):
-            table.add_column(header, justify="right")
+    # ------------------------------------------------------------------ rendering
 
-        def ratio(dense: int, sparse: int) -> str:
-            if sparse == 0:
-                return "1.00x" if dense == 0 else "inf"
-            return f"{dense / sparse:.2f}x"
+    def _cells(self) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str]]:
+        """Cell texts of the rows, the unattributed rows and the TOTAL row, by column key."""
+        rows = [
+            {
+                "layer": layer.name or "(root)",
+                "type": _kind_cell(layer.kind),
+                "params": f"{layer.params:,}",
+                "nonzeros": f"{layer.nonzeros:,}",
+                "sparsity": f"{layer.sparsity:.2%}",
+                "dense_macs": _macs_cell(layer.dense_macs, layer.macs_note),
+                "effective_macs": _macs_cell(layer.effective_macs, layer.macs_note),
+                "dense_bytes": format_bytes(layer.dense_bytes),
+                "sparse_bytes": format_bytes(layer.sparse_bytes),
+                "ratio": _ratio(layer.dense_bytes, layer.sparse_bytes),
+            }
+            for layer in self.layers
+        ]
+        free = [
+            {
+                **dict.fromkeys((key for key, _, _ in _COLUMNS), "-"),
+                "layer": name or "(root)",
+                "type": "(no params)",
+                "dense_macs": format_count(macs),
+                "effective_macs": format_count(macs),
+            }
+            for name, macs in self.unattributed.items()
+        ]
+        total = {
+            "layer": "TOTAL",
+            "type": "",
+            "params": f"{self.params:,}",
+            "nonzeros": f"{self.nonzeros:,}",
+            "sparsity": f"{self.sparsity:.2%}",
+            "dense_macs": format_count(self.total_macs),
+            "effective_macs": format_count(self.total_effective_macs),
+            "dense_bytes": format_bytes(self.dense_bytes),
+            "sparse_bytes": format_bytes(self.sparse_bytes),
+            "ratio": _ratio(self.dense_bytes, self.sparse_bytes),
+        }
+        return rows, free, total
 
-        for i, layer in enumerate(self.layers):
-            table.add_row(
-                layer.name or "(root)",
-                layer.kind,
-                f"{layer.params:,}",
-                f"{layer.nonzeros:,}",
-                f"{layer.sparsity:.2%}",
-                format_count(layer.dense_macs),
-                format_count(layer.effective_macs),
-                format_bytes(layer.dense_bytes),
-                format_bytes(layer.sparse_bytes),
-                ratio(layer.dense_bytes, layer.sparse_bytes),
-                end_section=i == len(self.layers) - 1,
-            )
-        table.add_row(
-            "TOTAL",
-            "",
-            f"{self.params:,}",
-            f"{self.nonzeros:,}",
-            f"{self.sparsity:.2%}",
-            format_count(self.dense_macs),
-            format_count(self.effective_macs),
-            format_bytes(self.dense_bytes),
-            format_bytes(self.sparse_bytes),
-            ratio(self.dense_bytes, self.sparse_bytes),
-            style="bold",
+    def _table(self, width: int | None, table_type: type[Table] = Table, **kwargs: Any) -> Table:
+        rows, free, total = self._cells()
+        everything = [*rows, *free, total]
+        natural = {
+            key: max(cell_len(header), *(cell_len(cells[key]) for cells in everything))
+            for key, header, _ in _COLUMNS
+        }
+
+        def table_width(keys: list[str], name_width: int) -> int:
+            # Every column has one cell of padding each side and one border; plus the last border.
+            return name_width + sum(natural[k] for k in keys if k != "layer") + 3 * len(keys) + 1
+
+        keys = [key for key, _, _ in _COLUMNS]
+        name_width = natural["layer"]
+        hidden: list[str] = []
+        if width is not None:
+            # Whole names up to 40 cells, or 2/5 of a narrower width, before any shortening.
+            wanted = min(natural["layer"], _NAME_TARGET, max(_MIN_NAME, 2 * width // 5))
+            for key in _DROP_ORDER:
+                if table_width(keys, wanted) <= width:
+                    break
+                keys.remove(key)
+                hidden.append(key)
+            room = width - table_width(keys, 0)
+            name_width = max(min(natural["layer"], room), min(natural["layer"], _MIN_NAME))
+        shortened = name_width < natural["layer"]
+
+        notes = [
+            f"MACs per sample (example batch of {self.batch_size}), counted by torch FlopCounterMode."
+            if self.batch_size is not None
+            else "MACs from layer shapes (no example input): a Linear counts one position, others n/a."
+        ]
+        if free:
+            notes.append("Rows with '-' params: MACs in modules without parameters; TOTAL includes them.")
+        markers = {cells["dense_macs"] for cells in rows}
+        explained = {
+            "in parent": "'in parent': a parent row's forward uses the weights and carries their MACs.",
+            "elsewhere": "'elsewhere': another row's forward uses the weights and carries their MACs.",
+            "not run": "'not run': the forward never called the module.",
+        }
+        notes += [text for marker, text in explained.items() if marker in markers]
+        if self.uncounted:
+            ops = sorted({op for names in self.uncounted.values() for op in names})
+            where = ", ".join(f"'{name or '(root)'}'" for name in self.uncounted)
+            notes.append(f"'?': MACs missing, torch has no flop formula for {', '.join(ops)} (in {where}).")
+        if hidden or shortened:
+            headers = dict((key, header) for key, header, _ in _COLUMNS)
+            fit = [f"hidden: {', '.join(headers[k] for k in hidden)}"] if hidden else []
+            fit += ["names shortened with '…'"] if shortened else []
+            notes.append(f"Fitted to {width} columns ({'; '.join(fit)}); to_dict() has every field.")
+
+        table = table_type(
+            title="Compression summary", caption="\n".join(notes), caption_justify="left", **kwargs
         )
+        for key, header, justify in _COLUMNS:
+            if key in keys:
+                table.add_column(header, justify=justify, no_wrap=True)
+
+        def add(cells: dict[str, str], **row_kwargs: Any) -> None:
+            cells = {**cells, "layer": shorten_name(cells["layer"], name_width)}
+            table.add_row(*(cells[key] for key in keys), **row_kwargs)
+
+        for i, cells in enumerate(rows):
+            add(cells, end_section=i == len(rows) - 1)
+        for i, cells in enumerate(free):
+            add(cells, end_section=i == len(free) - 1, style="italic")
+        add(total, style="bold")
         return table
+
+    def to_rich_table(self, width: int | None = None) -> Table:
+        """Render the rows, the unattributed MACs and a TOTAL row as a :class:`rich.table.Table`.
+
+        The table fits ``width`` terminal columns: while it is too wide, columns are hidden in the
+        order Dense (bytes), Dense MACs, Non-zeros, Type, Ratio, Sparse, Eff. MACs (Layer, Params
+        and Sparsity always stay) until names of up to 40 characters fit; longer names are then
+        shortened with a middle ellipsis that keeps their last components (:func:`shorten_name`).
+        A caption says how MACs were counted and what was hidden. :meth:`to_dict` always has every
+        field and the full names.
+
+        Args:
+            width: Terminal columns to fit. ``None`` returns the full table, which lays itself out
+                again for the width of the console it is printed to.
+
+        Returns:
+            The table; with ``width=None`` it holds every column and full name.
+
+        Raises:
+            ValueError: If ``width`` is not ``None`` or a positive int.
+        """
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"`width` must be None or a positive int, got {width!r}.")
+        if width is not None:
+            return self._table(width)
+        return self._table(None, _FittingTable, fit=self._table)
 
     def __rich__(self) -> Table:
         return self.to_rich_table()
 
     def __str__(self) -> str:
         console = Console(
-            file=io.StringIO(), record=True, width=120, no_color=True, color_system=None, force_terminal=False
+            file=io.StringIO(),
+            record=True,
+            width=STR_WIDTH,
+            no_color=True,
+            color_system=None,
+            force_terminal=False,
         )
-        console.print(self.to_rich_table())
+        console.print(self.to_rich_table(width=STR_WIDTH))
         return console.export_text(styles=False)
 
 
-def compression_summary(model: nn.Module, example_input: Any = None) -> CompressionSummary:
-    """Summarise parameters, non-zeros, MACs and storage of ``model``'s supported layers.
+def compression_summary(
+    model: nn.Module, example_input: Any = None, *, batch_size: int | None = None
+) -> CompressionSummary:
+    """Summarise parameters, non-zeros, MACs and storage of ``model``'s rows.
+
+    Rows are every Linear, Conv1d/2d/3d, Embedding and MultiheadAttention and every other module
+    that directly owns parameters. With an example input, MACs come from ONE forward pass under
+    :class:`torch.utils.flop_counter.FlopCounterMode`, divided by ``batch_size``; MACs in no row
+    go to :attr:`CompressionSummary.unattributed` (see
+    :func:`~lightning_compress.core.cost.model_costs`).
 
     Args:
-        model: The model to analyse (Linear, Conv1d/2d/3d and Embedding layers are counted).
+        model: The model to analyse.
         example_input: A tensor, tuple/list of tensors or dict of tensors for one forward pass
-            that records layer shapes (needed for convolution MACs). When ``None`` and the model
-            has an ``example_input_array`` attribute that is a tensor, tuple/list or dict (as a
-            ``LightningModule`` may), that is used.
+            (needed for convolution, attention and custom-module MACs). When ``None`` and the
+            model has an ``example_input_array`` attribute that is a tensor, tuple/list or dict
+            (as a ``LightningModule`` may), that is used.
+        batch_size: Samples in the example input; ``None`` takes dim 0 of its first tensor (1 if
+            that tensor has fewer than 2 dims).
 
     Returns:
         The :class:`CompressionSummary`; ``print(summary)`` shows it as a table.
+
+    Raises:
+        ValueError: If ``batch_size`` is not a positive int (see ``model_costs``).
 
     Example:
         >>> import torch
@@ -210,4 +469,10 @@ def compression_summary(model: nn.Module, example_input: Any = None) -> Compress
         candidate = getattr(model, "example_input_array", None)
         if isinstance(candidate, (torch.Tensor, tuple, list, dict)):
             example_input = candidate
-    return CompressionSummary(layers=layer_costs(model, example_input))
+    cost = model_costs(model, example_input, batch_size=batch_size)
+    return CompressionSummary(
+        layers=cost.layers,
+        unattributed=cost.unattributed,
+        batch_size=cost.batch_size,
+        uncounted=cost.uncounted,
+    )
