@@ -4,9 +4,19 @@ Every public class is re-exported here, so LightningCLI resolves short names suc
 ``class_path: GradualPruning`` in YAML files.
 """
 
-from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.callback import CompressionCallback, compression_root
+from lightning_compress.core.engine import CompressionEngine, Constraint, FunctionConstraint, get_engine
+from lightning_compress.core.importance import (
+    ActivationImportance,
+    Importance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+)
 from lightning_compress.core.masks import MaskSet
-from lightning_compress.core.schedules import SCHEDULES, sparsity_at
+from lightning_compress.core.params import TargetParam, select_parameters
+from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
+from lightning_compress.core.surgery import StructureChange, load_checkpoint, register_module_class
 from lightning_compress.core.targets import select_modules
 from lightning_compress.pruning import GradualPruning
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
@@ -15,13 +25,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEDULES",
+    "ActivationImportance",
     "CompressionCallback",
+    "CompressionEngine",
     "CompressionReport",
     "CompressionSummary",
+    "Constraint",
+    "FunctionConstraint",
     "GradualPruning",
+    "Importance",
+    "MagnitudeImportance",
     "MaskSet",
+    "RandomImportance",
+    "StepSchedule",
+    "StructureChange",
+    "TargetParam",
+    "TaylorImportance",
     "__version__",
+    "compression_root",
     "compression_summary",
+    "get_engine",
+    "load_checkpoint",
+    "register_module_class",
     "select_modules",
+    "select_parameters",
     "sparsity_at",
 ]

@@ -1,7 +1,12 @@
-"""The shared test battery: a tiny model, its data, and the registry of callbacks under test.
+"""The shared test battery: model factories, test-only techniques and the registry of entries.
 
-A new technique plugs into every battery test (fit, crash-and-resume, compressed checkpoint,
-2-process DDP, gradient accumulation, bf16-mixed) by adding one :class:`Entry` to ``REGISTRY``.
+Every battery test (fit, crash-and-resume, compressed checkpoint, 2-process DDP, gradient
+accumulation, bf16-mixed, bad arguments) runs every :class:`Entry` of ``REGISTRY``. An entry names
+its callback(s), the model it trains (MLP, CNN with BatchNorm, a residual net, a wrapper whose
+compression root is its student, or the conv+linear ``TinyNet``), how its checkpoint loads
+(``load_from_checkpoint`` for shape-preserving techniques, ``lightning_compress.load_checkpoint``
+for shape-changing ones) and whether it changes the structure. A completeness test fails when an
+exported compression callback has no entry.
 """
 
 from __future__ import annotations
@@ -17,22 +22,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_compress as lc
+from lightning_compress.core.engine import QUANTIZE, FunctionConstraint
+
+STEPS_PER_EPOCH = 8  # 128 samples / batch 16
 
 
-class TinyNet(pl.LightningModule):
-    """Conv + two Linear layers: covers conv and linear code paths, every in-dim divisible by 4."""
+# ---------------------------------------------------------------------------- models
+class _Classifier(pl.LightningModule):
+    """Shared training step / optimizer of the battery models (inputs (N, 4, 6, 6), 4 classes)."""
 
     def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.conv = nn.Conv2d(4, 8, 3)
-        self.fc1 = nn.Linear(8 * 4 * 4, 16)
-        self.fc2 = nn.Linear(16, 4)
         self.example_input_array = torch.zeros(1, 4, 6, 6)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.conv(x)).flatten(1)
-        return self.fc2(torch.relu(self.fc1(x)))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -40,10 +42,124 @@ class TinyNet(pl.LightningModule):
         self.log("train_loss", loss)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "adam":
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-3)
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-3)
+        if self.hparams.optimizer == "sgd-steplr":
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 8, gamma=0.5)}
+        return opt
+
+
+class TinyNet(_Classifier):
+    """Conv + two Linear layers: covers conv and linear code paths, every in-dim divisible by 4."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.conv = nn.Conv2d(4, 8, 3)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class MLP(_Classifier):
+    """Three Linear layers on the flattened input."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.fc1 = nn.Linear(144, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+class BNConvNet(_Classifier):
+    """Conv-BN-ReLU twice, global pooling, Linear head."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ResNet(_Classifier):
+    """A stem and one residual block (identity shortcut: coupled channels), Linear head."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.stem = nn.Conv2d(4, 8, 3, padding=1)
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.block(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Student(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(144, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class Wrapper(_Classifier):
+    """A distillation-style wrapper: trains ``student`` against labels and a frozen ``teacher``.
+
+    ``compression_root`` names the student: techniques target, mask and log its own layer names,
+    and can never touch the teacher.
+    """
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.student = _Student()
+        self.teacher = _Student()
+        self.teacher.requires_grad_(False)
+
+    @property
+    def compression_root(self) -> nn.Module:
+        return self.student
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.student(x)
+        with torch.no_grad():
+            soft = torch.softmax(self.teacher(x), dim=-1)
+        loss = nn.functional.cross_entropy(logits, y) + nn.functional.cross_entropy(logits, soft)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.student.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+MODELS: dict[str, type[_Classifier]] = {
+    "tiny": TinyNet,
+    "mlp": MLP,
+    "bn-cnn": BNConvNet,
+    "resnet": ResNet,
+    "wrapper": Wrapper,
+}
 
 
 def tiny_data(n: int = 128, batch_size: int = 16) -> DataLoader:
@@ -53,9 +169,6 @@ def tiny_data(n: int = 128, batch_size: int = 16) -> DataLoader:
     teacher = torch.randn(4 * 6 * 6, 4, generator=gen)
     y = (x.flatten(1) @ teacher).argmax(1)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-STEPS_PER_EPOCH = 8  # 128 samples / batch 16
 
 
 def trainer(tmp_path: os.PathLike | str, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
@@ -75,28 +188,126 @@ def trainer(tmp_path: os.PathLike | str, callbacks: list[pl.Callback], **kwargs:
     return pl.Trainer(callbacks=callbacks, **opts)
 
 
+# ---------------------------------------------------------------------------- test-only techniques
+class GridSnap(lc.CompressionCallback):
+    """Test-only weight constraint in the ``quantize`` phase: snaps targeted weights to a 1/16 grid.
+
+    It keeps zeros at zero, so with pruning both orders of the callbacks must give the same weights.
+    """
+
+    def __init__(self, targets: list[str] | None = None, step: float = 1 / 16) -> None:
+        super().__init__(targets=targets)
+        self.grid = step
+        self.calls = 0
+        self._params: list[nn.Parameter] = []
+
+    def compression_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        root = self.root(pl_module)
+        self._params = [root.get_submodule(n).weight for n in self.module_names]
+        with torch.no_grad():
+            self._snap(self._params)
+
+    def _snap(self, params: list[nn.Parameter]) -> None:
+        self.calls += 1
+        for p in params:
+            p.copy_(torch.round(p / self.grid) * self.grid)
+
+    def constraints(self) -> list[Any]:
+        return (
+            [FunctionConstraint(QUANTIZE, self._params, self._snap, owner="GridSnap")] if self._params else []
+        )
+
+    def on_structure_change(self, pl_module: pl.LightningModule, changes: list[Any]) -> None:
+        root = self.root(pl_module)
+        self._params = [root.get_submodule(n).weight for n in self.module_names]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid}
+
+
+class ShrinkHidden(lc.CompressionCallback):
+    """Test-only shape-changing technique: at step ``at`` removes the hidden units of ``layer`` whose
+    outgoing weight norm is smallest (keeping ``keep`` of them), physically, through the engine.
+
+    ``layer`` and ``next_layer`` are Linear modules of the compression root.
+    """
+
+    changes_structure = True
+
+    def __init__(self, at: int = 10, layer: str = "fc1", next_layer: str = "fc2", keep: float = 0.5) -> None:
+        super().__init__(targets=[layer, next_layer])
+        self.at, self.layer, self.next_layer, self.keep = at, layer, next_layer, keep
+        self.done = False
+        self.kept: list[int] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.done or self.engine is None or self.engine.clock < self.at:
+            return
+        root = self.root(pl_module)
+        w = root.get_submodule(self.layer).weight.detach()
+        n_keep = max(1, int(w.shape[0] * self.keep))
+        kept = sorted(torch.topk(w.norm(dim=1), n_keep).indices.tolist())
+        p = self.root_prefix
+        ops = [
+            {"op": "slice", "tensor": f"{p}{self.layer}.weight", "dim": 0, "index": kept},
+            {"op": "slice", "tensor": f"{p}{self.layer}.bias", "dim": 0, "index": kept},
+            {"op": "slice", "tensor": f"{p}{self.next_layer}.weight", "dim": 1, "index": kept},
+        ]
+        self.engine.change_structure(trainer, pl_module, ops, self.name)
+        self.done, self.kept = True, kept
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "kept": torch.tensor(self.kept, dtype=torch.long)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict["done"])
+        self.kept = state_dict["kept"].tolist()
+
+
+# ---------------------------------------------------------------------------- entries
 @dataclass
 class Entry:
-    """One callback configuration the battery runs.
+    """One configuration the battery runs.
 
     Attributes:
         id: Test id.
-        make: Builds a fresh callback (state in steps: 4 epochs x 8 steps = 32 optimizer steps).
-        state: Tensors that must agree across DDP ranks and between an interrupted-and-resumed
-            run and an uninterrupted one.
-        check: Asserts the model (from the callback's fit or loaded from a checkpoint) is compressed.
-        bad_args: ``(kwargs, regex)`` pairs: constructing with kwargs raises ValueError matching regex.
+        make: Builds fresh callbacks (4 epochs x 8 steps = 32 training steps); ``make(**kw)``
+            passes ``kw`` to the first one (bad-argument tests).
+        check: Asserts the trained (or loaded) model is compressed: ``check(callbacks, model)``.
+        model: Key of :data:`MODELS`.
+        state: Tensors that must agree across DDP ranks and between an interrupted-and-resumed run
+            and an uninterrupted one (default: every compression callback's masks / state).
+        loads_with: ``"load_from_checkpoint"`` (shape-preserving) or ``"load_checkpoint"``.
+        changes_structure: Whether the entry changes parameter shapes.
+        bad_args: ``(kwargs, regex)``: ``make(**kwargs)`` raises ValueError matching regex.
     """
 
     id: str
-    make: Callable[..., pl.Callback]
-    state: Callable[[pl.Callback], dict[str, Tensor]]
-    check: Callable[[pl.Callback, nn.Module], None]
+    make: Callable[..., list[pl.Callback]]
+    check: Callable[[list[pl.Callback], nn.Module], None]
+    model: str = "tiny"
+    state: Callable[[list[pl.Callback]], dict[str, Tensor]] | None = None
+    loads_with: str = "load_from_checkpoint"
+    changes_structure: bool = False
     bad_args: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
+    def build_model(self, **kwargs: Any) -> _Classifier:
+        return MODELS[self.model](**kwargs)
 
-def _pruning_state(cb: lc.GradualPruning) -> dict[str, Tensor]:
-    return {name: cb.masks[name].cpu() for name in cb.masks.names}
+    def collect_state(self, callbacks: list[pl.Callback]) -> dict[str, Tensor]:
+        if self.state is not None:
+            return self.state(callbacks)
+        out: dict[str, Tensor] = {}
+        for i, cb in enumerate(callbacks):
+            if isinstance(cb, lc.GradualPruning):
+                out.update({f"{i}:{n}": cb.masks[n].cpu() for n in cb.masks.names})
+            elif isinstance(cb, ShrinkHidden):
+                out[f"{i}:kept"] = torch.tensor(cb.kept)
+        return out
+
+
+def compressed_root(model: nn.Module) -> nn.Module:
+    return lc.compression_root(model)[0]
 
 
 def _weight_sparsity(model: nn.Module, names: list[str]) -> float:
@@ -104,16 +315,45 @@ def _weight_sparsity(model: nn.Module, names: list[str]) -> float:
     return zeros / sum(model.get_parameter(n).numel() for n in names)
 
 
-def _pruning_check(target: float) -> Callable[[pl.Callback, nn.Module], None]:
-    def check(cb: pl.Callback, model: nn.Module) -> None:
-        names = ["conv.weight", "fc1.weight", "fc2.weight"]
-        assert abs(_weight_sparsity(model, names) - target) < 2e-3, _weight_sparsity(model, names)
-        if isinstance(cb, lc.GradualPruning) and len(cb.masks):
-            for name in names:  # weights are zero exactly where the mask says so
-                assert torch.equal(
-                    model.get_parameter(name) != 0, cb.masks[name].cpu() & (model.get_parameter(name) != 0)
-                )
-                assert not bool(model.get_parameter(name)[~cb.masks[name].cpu()].any())
+def _pruning_check(target: float) -> Callable[[list[pl.Callback], nn.Module], None]:
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        root = compressed_root(model)
+        cb = next(c for c in callbacks if isinstance(c, lc.GradualPruning))
+        names = cb.masks.names or [
+            n for n, p in root.named_parameters() if n.endswith("weight") and p.dim() > 1
+        ]
+        assert abs(_weight_sparsity(root, names) - target) < 2e-3, _weight_sparsity(root, names)
+        for name in cb.masks.names:  # weights are zero wherever the mask says so
+            assert not bool(root.get_parameter(name)[~cb.masks[name].cpu()].any())
+
+    return check
+
+
+def _both(
+    *checks: Callable[[list[pl.Callback], nn.Module], None],
+) -> Callable[[list[pl.Callback], nn.Module], None]:
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        for c in checks:
+            c(callbacks, model)
+
+    return check
+
+
+def _on_grid(callbacks: list[pl.Callback], model: nn.Module) -> None:
+    root = compressed_root(model)
+    snap = next(c for c in callbacks if isinstance(c, GridSnap))
+    for name in snap.module_names:
+        w = root.get_submodule(name).weight
+        torch.testing.assert_close(w, torch.round(w * 16) / 16, rtol=0, atol=0)
+
+
+def _shrunk(width: int) -> Callable[[list[pl.Callback], nn.Module], None]:
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        root = compressed_root(model)
+        assert root.fc1.out_features == width
+        assert root.fc1.weight.shape[0] == width
+        assert root.fc2.in_features == width
+        assert root.fc2.weight.shape[1] == width
 
     return check
 
@@ -141,12 +381,26 @@ _PRUNING_BAD = [
     ({"log_per_layer": "no"}, r"`log_per_layer`='no' is not supported; expected true or false"),
     ({"calibration_steps": 0}, r"`calibration_steps`=0 is not supported; expected an int >= 1"),
     ({"flush_denormal": "yes"}, r"`flush_denormal`='yes' is not supported; expected true or false"),
+    ({"min_density": 1.0}, r"`min_density`=1.0 is not supported; expected a number in \[0, 1\)"),
+    (
+        {"target_sparsity": 0.995, "min_density": 0.01},
+        r"`min_density`=0.01 is above the density that `target_sparsity`=0.995 leaves",
+    ),
+    ({"include_embeddings": 1}, r"`include_embeddings`=1 is not supported; expected true or false"),
 ]
 
 
-def _gradual(**defaults: Any) -> Callable[..., pl.Callback]:
-    def make(**overrides: Any) -> pl.Callback:
-        return lc.GradualPruning(**{**defaults, **overrides})
+def _gradual(**defaults: Any) -> Callable[..., list[pl.Callback]]:
+    def make(**overrides: Any) -> list[pl.Callback]:
+        return [lc.GradualPruning(**{**defaults, **overrides})]
+
+    return make
+
+
+def _stack(*factories: Callable[[], pl.Callback]) -> Callable[..., list[pl.Callback]]:
+    def make(**overrides: Any) -> list[pl.Callback]:
+        first, *rest = factories
+        return [first(**overrides), *(f() for f in rest)]
 
     return make
 
@@ -157,29 +411,79 @@ REGISTRY: list[Entry] = [
     Entry(
         "gradual-magnitude-global",
         _gradual(target_sparsity=0.75, **_SCHED),
-        _pruning_state,
         _pruning_check(0.75),
-        _PRUNING_BAD,
+        bad_args=_PRUNING_BAD,
     ),
     Entry(
-        "gradual-taylor-local",
+        "gradual-taylor-local-mlp",
         _gradual(target_sparsity=0.6, criterion="taylor", scope="local", schedule="linear", **_SCHED),
-        _pruning_state,
         _pruning_check(0.6),
+        model="mlp",
     ),
     Entry(
-        "gradual-activation-global",
+        "gradual-activation-global-resnet",
         _gradual(target_sparsity=0.8, criterion="activation", calibration_steps=2, **_SCHED),
-        _pruning_state,
         _pruning_check(0.8),
+        model="resnet",
+    ),
+    Entry(
+        "gradual-magnitude-bn-cnn",
+        _gradual(target_sparsity=0.7, schedule="exponential", **_SCHED),
+        _pruning_check(0.7),
+        model="bn-cnn",
     ),
     Entry(
         "gradual-random-2:4",
         _gradual(pattern="2:4", criterion="random", schedule="exponential", **_SCHED),
-        _pruning_state,
         _pruning_check(0.5),
     ),
+    Entry(
+        "gradual-wrapper-student",
+        _gradual(target_sparsity=0.7, **_SCHED),
+        _pruning_check(0.7),
+        model="wrapper",
+    ),
+    Entry(
+        "stacked-gradual+gridsnap",
+        _stack(lambda **kw: lc.GradualPruning(**{"target_sparsity": 0.75, **_SCHED, **kw}), GridSnap),
+        _both(_pruning_check(0.75), _on_grid),
+    ),
+    Entry(
+        "stacked-gridsnap+gradual",
+        _stack(GridSnap, lambda: lc.GradualPruning(target_sparsity=0.75, **_SCHED)),
+        _both(_pruning_check(0.75), _on_grid),
+    ),
+    Entry(
+        "shrink-early-mlp",  # changed at step 10, before the crash-and-resume checkpoint (step 16)
+        _stack(lambda **kw: ShrinkHidden(at=10, **kw)),
+        _shrunk(16),
+        model="mlp",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "shrink-late+gradual-mlp",  # changed at step 20, after the resume checkpoint: masks follow
+        _stack(
+            lambda **kw: ShrinkHidden(at=20, **kw),
+            lambda: lc.GradualPruning(target_sparsity=0.5, targets=["fc1", "fc2"], **_SCHED),
+        ),
+        _both(_shrunk(16), _pruning_check(0.5)),
+        model="mlp",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "shrink-wrapper-student",
+        _stack(lambda **kw: ShrinkHidden(at=10, **kw)),
+        _shrunk(16),
+        model="wrapper",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
 ]
+
+#: Test-only techniques, exempt from the completeness test's "exported" requirement.
+TEST_ONLY = (GridSnap, ShrinkHidden)
 
 
 class DumpState(pl.Callback):
@@ -190,6 +494,8 @@ class DumpState(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         entry = next(e for e in REGISTRY if e.id == self.entry_id)
-        cb = next(c for c in trainer.callbacks if type(c).__module__.startswith("lightning_compress"))
-        entry.check(cb, pl_module)
-        torch.save(entry.state(cb), os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+        cbs = [c for c in trainer.callbacks if isinstance(c, lc.CompressionCallback)]
+        entry.check(cbs, pl_module)
+        state = entry.collect_state(cbs)
+        state.update({f"param:{n}": p.detach().clone() for n, p in pl_module.named_parameters()})
+        torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))

@@ -1,34 +1,18 @@
-"""Run by tests/test_gradual.py: GradualPruning under `strategy="ddp"` with 2 CPU processes (gloo).
+"""Run by the battery: one entry under `strategy="ddp"` with 2 CPU processes (gloo).
 
 Lightning's ddp launcher re-executes this script for rank 1, so it must be a file, not a pytest
-function. Each rank saves its masks to OUT_DIR/rank{r}.pt.
+function. Usage: ``python ddp_script.py ENTRY_ID OUT_DIR``; each rank saves its state to
+OUT_DIR/rank{r}.pt (see battery.DumpState).
 """
 
-import os
 import sys
 
 import pytorch_lightning as pl
-import torch
-from battery import TinyNet, tiny_data, trainer
-
-from lightning_compress import GradualPruning
-
-
-class Dump(pl.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cb = next(c for c in trainer.callbacks if isinstance(c, GradualPruning))
-        masks = {n: cb.masks[n].cpu() for n in cb.masks.names}
-        torch.save(masks, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
-
+from battery import REGISTRY, DumpState, tiny_data, trainer
 
 if __name__ == "__main__":
-    out = sys.argv[1]
+    entry_id, out = sys.argv[1], sys.argv[2]
+    entry = next(e for e in REGISTRY if e.id == entry_id)
     pl.seed_everything(0)
-    cb = GradualPruning(
-        target_sparsity=0.7, criterion="activation", start=1, end=10, frequency=3, calibration_steps=2
-    )
-    tr = trainer(out, [cb, Dump(out)], devices=2, strategy="ddp")
-    tr.fit(TinyNet(), tiny_data())
+    tr = trainer(out, [*entry.make(), DumpState(entry_id, out)], devices=2, strategy="ddp", max_epochs=8)
+    tr.fit(entry.build_model(), tiny_data())

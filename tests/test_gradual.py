@@ -54,7 +54,7 @@ def test_updates_follow_the_schedule_and_sparsity_is_exact(tmp_path: Path) -> No
 def test_fractions_resolve_against_estimated_stepping_batches(tmp_path: Path) -> None:
     cb = GradualPruning(target_sparsity=0.5, start=0.25, end=0.5, frequency=1)
     trainer(tmp_path, [cb]).fit(TinyNet(), tiny_data())  # 32 steps
-    assert (cb._start_step, cb._end_step, cb.last_update_step) == (8, 16, 16)
+    assert (cb.step_schedule.start_step, cb.step_schedule.end_step, cb.last_update_step) == (8, 16, 16)
 
 
 def test_targets_and_exclude_leave_other_layers_dense(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_no_matching_layer_fails_before_training(tmp_path: Path) -> None:
 def test_fraction_without_known_length_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError,
-        match=r"`start`=0.0 is a fraction of training, but the number of optimizer steps is unknown",
+        match=r"GradualPruning: `start`=0.0 is a fraction of training, but training has no length",
     ):
         trainer(tmp_path, [GradualPruning()], max_epochs=-1, max_steps=-1, max_time="00:00:00:30").fit(
             TinyNet(), tiny_data()

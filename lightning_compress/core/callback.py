@@ -1,19 +1,20 @@
 """The lifecycle every compression callback shares.
 
-:class:`CompressionCallback` turns Lightning's hooks into three technique-level hooks that run
-exactly once per *real* optimizer step (gradient accumulation, multiple optimizers and skipped AMP
-steps included):
+A :class:`CompressionCallback` does not hook the optimizer itself: in ``setup()`` it registers with
+the trainer's one :class:`~lightning_compress.core.engine.CompressionEngine`, which runs
 
-* :meth:`CompressionCallback.compression_setup` - once per fit, after checkpoint state is restored
-  and before the first step: bind to the model, derive the schedule.
-* :meth:`CompressionCallback.before_optimizer_step` - gradients are final (and DDP-averaged),
-  weights not yet updated: the place to score, update masks and mask gradients.
-* :meth:`CompressionCallback.after_optimizer_step` - right after ``optimizer.step()`` returns
-  (registered as a ``torch.optim`` step post-hook): the place to re-constrain weights.
+* :meth:`CompressionCallback.begin_step` once per training step (gradients final, weights not yet
+  updated; gradient accumulation, several optimizers and AMP-skipped steps handled by the engine),
+* every :class:`~lightning_compress.core.engine.Constraint` returned by
+  :meth:`CompressionCallback.constraints`, by phase (gradient transforms before the step, weight
+  constraints after it), whatever the order of the callbacks,
 
-It also refuses strategies whose sharding would make the technique silently wrong, gives each
-instance a checkpoint key derived from its arguments, flushes denormals during the optimizer step
-on CPU, and offers DDP agreement helpers.
+and calls :meth:`CompressionCallback.on_structure_change` when a technique changes shapes.
+
+The base class also refuses strategies whose sharding would make a technique silently wrong, gives
+each instance a checkpoint key derived from its arguments, resolves the *compression root* (the
+LightningModule, or the module it names in ``compression_root``, e.g. a distillation wrapper's
+student) and its ``StepSchedule`` objects.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_debug
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress.core.engine import CompressionEngine, Constraint, flushing_denormals, get_engine
+from lightning_compress.core.schedules import StepSchedule
 from lightning_compress.core.targets import PRUNABLE_TYPES, select_modules, validate_patterns
 from lightning_compress.core.validation import check_bool
 
@@ -54,30 +57,55 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         t.div_(world)
 
 
-def flushing_denormals() -> bool:
-    """True when this thread already flushes denormal floats to zero (x86 FTZ/DAZ)."""
-    return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+def compression_root(pl_module: nn.Module) -> tuple[nn.Module, str]:
+    """The module compression acts on, and its name prefix inside ``pl_module``.
+
+    A LightningModule that wraps other networks (a distillation wrapper holding a student and a
+    teacher) declares the one to compress with a ``compression_root`` attribute or property
+    returning that submodule; targets, masks, logs and callback state then use the student's own
+    names, and teacher layers can never be selected. Default: ``pl_module`` itself, prefix ``""``.
+
+    Raises:
+        ValueError: ``compression_root`` is not a submodule of ``pl_module``.
+    """
+    root = getattr(pl_module, "compression_root", None)
+    if root is None:
+        return pl_module, ""
+    if callable(root) and not isinstance(root, nn.Module):
+        root = root()
+    if root is pl_module:
+        return pl_module, ""
+    for name, module in pl_module.named_modules():
+        if module is root and name:
+            return root, name + "."
+    raise ValueError(
+        f"{type(pl_module).__name__}.compression_root is {type(root).__name__}, which is not a submodule "
+        "of the LightningModule; it must return one of its own submodules (e.g. self.student)."
+    )
 
 
 class CompressionCallback(pl.Callback):
     """Base class of every compression callback.
 
     Args:
-        targets: fnmatch patterns over module names to compress (default: every supported layer).
+        targets: fnmatch patterns over module names (relative to the compression root) to compress
+            (default: every supported layer).
         exclude: fnmatch patterns removed from ``targets``.
-        flush_denormal: On CPU, flush denormal floats to zero during each optimizer step (and
-            only then). Masked gradients make the optimizer state of pruned weights (momentum,
-            Adam moments) decay geometrically through the denormal range, which x86 CPUs process
-            up to ~100x slower: measured 1.37x vs 1.09x fit time on a 1,260-step LeNet-300-100 run.
-            Left alone when the process already flushes denormals.
+        flush_denormal: On CPU, also flush denormal floats to zero on the main thread during each
+            optimizer step (see :class:`~lightning_compress.core.engine.CompressionEngine`).
 
-    Subclasses set :attr:`supported_types`, implement the three technique hooks and
+    Subclasses set :attr:`supported_types`, implement the technique hooks (:meth:`compression_setup`,
+    :meth:`begin_step`, :meth:`constraints`, :meth:`on_structure_change`) and
     :meth:`state_dict` / :meth:`load_state_dict` with tensors and primitives only (Lightning loads
-    checkpoints with ``weights_only=True``).
+    checkpoints with ``weights_only=True``). :meth:`schedules` lists the
+    :class:`~lightning_compress.core.schedules.StepSchedule` objects the base class validates in
+    ``setup()`` and resolves in ``on_fit_start``.
     """
 
     #: Module types the technique can act on.
     supported_types: tuple[type[torch.nn.Module], ...] = PRUNABLE_TYPES
+    #: Whether the technique changes parameter shapes (through the engine's surgery).
+    changes_structure: bool = False
 
     def __init__(
         self, targets: list[str] | None = None, exclude: list[str] | None = None, flush_denormal: bool = True
@@ -86,10 +114,9 @@ class CompressionCallback(pl.Callback):
         self.targets = validate_patterns("targets", ["*"] if targets is None else targets)
         self.exclude = validate_patterns("exclude", [] if exclude is None else exclude)
         self.flush_denormal = check_bool("flush_denormal", flush_denormal)
-        self._toggle_ftz = False
         self.module_names: list[str] = []
-        self._hook_handles: list[Any] = []
-        self._last_step_seen = -1
+        self.root_prefix = ""
+        self.engine: CompressionEngine | None = None
 
     # ------------------------------------------------------------------ identity
     def _state_key_args(self) -> dict[str, Any]:
@@ -110,6 +137,14 @@ class CompressionCallback(pl.Callback):
         """The technique's name for messages."""
         return type(self).__name__
 
+    def schedules(self) -> list[StepSchedule]:
+        """The technique's schedules (validated in ``setup``, resolved in ``on_fit_start``)."""
+        return []
+
+    def root(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The compression root of ``pl_module`` (see :func:`compression_root`)."""
+        return compression_root(pl_module)[0]
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,72 +157,84 @@ class CompressionCallback(pl.Callback):
                 "replaces parameters, so masks and quantizer state would be wrong. Supported: "
                 "single device, 'ddp', 'ddp_spawn', 'ddp_fork' (DDPStrategy)."
             )
+        launcher = getattr(strategy, "_launcher", None)
+        if (
+            self.changes_structure
+            and launcher is not None
+            and type(launcher).__name__ == "_MultiProcessingLauncher"
+        ):
+            raise RuntimeError(
+                f"{self.name} changes parameter shapes, which strategy='ddp_spawn' / 'ddp_fork' cannot "
+                "carry back to the main process (Lightning reloads the workers' weights into the "
+                "original, unchanged module). Use strategy='ddp' (one process per device running your "
+                "script), which is supported."
+            )
+        for schedule in self.schedules():
+            schedule.check_trainer(trainer, self.name)
+        # The engine replays a stored structure recipe in its own setup, which must come first.
+        self.engine = get_engine(trainer)
+        self.engine.setup(trainer, pl_module, stage)
+        self.engine.register(self)
+        root, self.root_prefix = compression_root(pl_module)
         # Resolve targets now so a bad pattern fails before any training (and before any change).
-        self.module_names = select_modules(
-            pl_module, self.targets, self.exclude, self.supported_types, self.name
-        )
+        self.module_names = self.select_targets(root)
+
+    def select_targets(self, root: nn.Module) -> list[str]:
+        """Resolve ``targets`` / ``exclude`` against the compression root (module names)."""
+        return select_modules(root, self.targets, self.exclude, self.supported_types, self.name)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After callback state is restored, before the sanity check: fractions become steps.
+        total = trainer.estimated_stepping_batches
+        for schedule in self.schedules():
+            schedule.resolve(total, self.name)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start runs after the checkpoint (callback state, optimizer state, loop counters)
-        # is restored, so trainer.global_step is the step training resumes at.
-        self._last_step_seen = -1
+        # is restored, so the engine's clock is the step training resumes at.
         self.compression_setup(trainer, pl_module)
-        self._remove_hooks()
-        self._toggle_ftz = self.flush_denormal and pl_module.device.type == "cpu" and not flushing_denormals()
-        for opt in trainer.optimizers:
-            self._hook_handles.append(opt.register_step_post_hook(self._post_step_hook))
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_step_seen:  # a second optimizer in the same step
-            return
-        self._last_step_seen = step
-        self.before_optimizer_step(trainer, pl_module, step)
-        if self._toggle_ftz:  # gradient clipping and the optimizer step run with FTZ/DAZ on
-            torch.set_flush_denormal(True)
-
-    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._toggle_ftz:
-            torch.set_flush_denormal(False)
-        self.after_optimizer_step()
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._remove_hooks()
+        if self.engine is not None:
+            self.engine.invalidate()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        if stage == "fit" and self.engine is not None:
+            self.engine.unregister(self)
 
-    def _remove_hooks(self) -> None:
-        if self._toggle_ftz:
-            torch.set_flush_denormal(False)
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+    @property
+    def step(self) -> int:
+        """The current training step (the engine's clock)."""
+        return 0 if self.engine is None else self.engine.step
 
     # ------------------------------------------------------------------ technique hooks
     def compression_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind to the model once per fit, after checkpoint state is restored."""
 
-    def before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Once per real optimizer step, gradients final, weights not yet updated."""
+    def constraints(self) -> list[Constraint]:
+        """The per-step tensor work to run through the engine (read at every (re)bind)."""
+        return []
 
-    def after_optimizer_step(self) -> None:
-        """Right after every real ``optimizer.step()``."""
+    def begin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Once per training step, before its first real optimizer step (gradients are final)."""
+
+    def on_structure_change(self, pl_module: pl.LightningModule, changes: list[Any]) -> None:
+        """Parameters were sliced, moved or removed (names relative to the LightningModule)."""
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def debug(message: str) -> None:
         """Log a progress message (rank zero only, at DEBUG level: one per schedule update)."""
         rank_zero_debug(message)
+
+
+__all__ = [
+    "REFUSED_STRATEGIES",
+    "SUPPORTED_STRATEGIES",
+    "CompressionCallback",
+    "all_reduce_mean_",
+    "compression_root",
+    "flushing_denormals",
+    "is_distributed",
+]

@@ -136,3 +136,126 @@ def next_update_step(step: int, start: int, end: int, frequency: int, schedule: 
         return None
     k = -(-(step - start) // frequency)  # ceil division
     return min(start + k * frequency, end)
+
+
+def training_length_known(trainer: object) -> bool:
+    """False when neither ``max_steps`` nor ``max_epochs`` bounds training (fractions are meaningless)."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_steps is not None and max_steps >= 0:
+        return True
+    return max_epochs is not None and max_epochs >= 0
+
+
+class StepSchedule:
+    """``start`` / ``end`` / ``frequency`` of a technique, resolved against the training length.
+
+    ``start`` and ``end`` are an ``int`` (a training step: one step per stepping batch, the unit of
+    ``trainer.estimated_stepping_batches``) or a ``float`` in [0, 1] (a fraction of training).
+
+    Lifecycle (driven by :class:`~lightning_compress.core.callback.CompressionCallback`):
+
+    * construction validates the arguments (errors name the argument);
+    * ``setup()`` -> :meth:`check_trainer`: a fraction with an unbounded training length
+      (``max_epochs=-1`` and no ``max_steps``) is refused before the sanity check;
+    * ``on_fit_start`` -> :meth:`resolve`: fractions become steps of
+      ``trainer.estimated_stepping_batches`` (an infinite estimate, e.g. an iterable dataset without
+      ``len``, is refused naming the argument), and ``end`` is clamped to the last step actually
+      run, so the target is reached even with ``end=1.0`` (step ``total`` never runs: the last one
+      is ``total - 1``);
+    * the resolved steps are kept in the callback's checkpoint state. A run resumed with a different
+      ``max_epochs`` / ``max_steps`` keeps them (the curve does not stretch or shrink mid-way); only
+      ``end`` is clamped again when the new run is too short to reach it.
+
+    Args:
+        start: First step of the schedule.
+        end: Step (or fraction) at which the target is reached.
+        frequency: Steps between updates (``None`` for techniques without periodic updates).
+        names: Argument names used in error messages.
+    """
+
+    def __init__(
+        self,
+        start: int | float = 0.0,
+        end: int | float | None = 0.75,
+        frequency: int | None = None,
+        names: tuple[str, str] = ("start", "end"),
+    ) -> None:
+        self.names = names
+        self.start = validate_step_arg(names[0], start)
+        self.end = None if end is None else validate_step_arg(names[1], end)
+        if self.end is not None and type(self.start) is type(self.end) and self.end < self.start:
+            raise ValueError(
+                f"`{names[1]}`={end!r} is before `{names[0]}`={start!r}; expected {names[1]} >= {names[0]}."
+            )
+        if frequency is not None and (
+            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+        ):
+            raise ValueError(f"`frequency`={frequency!r} is not supported; expected an int >= 1.")
+        self.frequency = frequency
+        self.start_step: int | None = None
+        self.end_step: int | None = None
+        self.total: float | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether :meth:`resolve` (or a loaded state) fixed the steps."""
+        return self.start_step is not None
+
+    def _fractions(self) -> list[tuple[str, float]]:
+        points = [(self.names[0], self.start), (self.names[1], self.end)]
+        return [(n, v) for n, v in points if isinstance(v, float)]
+
+    def check_trainer(self, trainer: object, owner: str = "") -> None:
+        """Refuse fractions when the training length is unbounded (called in ``setup``)."""
+        fractions = self._fractions()
+        if fractions and not training_length_known(trainer):
+            name, value = fractions[0]
+            raise ValueError(
+                f"{owner + ': ' if owner else ''}`{name}`={value!r} is a fraction of training, but training "
+                "has no length (max_epochs=-1 and no max_steps); give an int training step, or set "
+                "Trainer(max_epochs=...) or max_steps."
+            )
+
+    def resolve(self, total_steps: float | int | None, owner: str = "") -> None:
+        """Fix ``start_step`` / ``end_step`` for a run of ``total_steps`` training steps.
+
+        Already-resolved steps (from a checkpoint) are kept; ``end`` is clamped to ``total - 1``.
+        """
+        finite = total_steps is not None and math.isfinite(total_steps)
+        if not self.resolved:
+            for name, value in self._fractions():
+                if not finite:
+                    raise ValueError(
+                        f"{owner + ': ' if owner else ''}`{name}`={value!r} is a fraction of training, "
+                        "but the "
+                        "number of training steps is unknown (trainer.estimated_stepping_batches is "
+                        f"{total_steps}); give an int training step, or set max_steps."
+                    )
+            self.start_step = resolve_step(self.start, total_steps, self.names[0])
+            self.end_step = None if self.end is None else resolve_step(self.end, total_steps, self.names[1])
+        if finite:
+            self.total = float(total_steps)
+            last = max(int(total_steps) - 1, 0)
+            if self.end_step is not None and self.end_step > last:
+                self.end_step = max(last, self.start_step)
+
+    def progress(self, step: int) -> float:
+        """Fraction of the way from start to end at ``step`` (0 before start, 1 from end on)."""
+        end = self.start_step if self.end_step is None else self.end_step
+        return progress(step, self.start_step, end)
+
+    def next_update(self, step: int, schedule: str = "linear") -> int | None:
+        """First update step ``>= step`` (``start + k * frequency`` up to ``end``, and ``end``)."""
+        end = self.start_step if self.end_step is None else self.end_step
+        return next_update_step(step, self.start_step, end, self.frequency or 1, schedule)
+
+    def state_dict(self) -> dict[str, int | float | None]:
+        """The resolved steps (plain numbers)."""
+        return {"start_step": self.start_step, "end_step": self.end_step, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int | float | None]) -> None:
+        """Restore resolved steps saved by :meth:`state_dict`."""
+        self.start_step = None if state.get("start_step") is None else int(state["start_step"])
+        self.end_step = None if state.get("end_step") is None else int(state["end_step"])
+        self.total = state.get("total")
