@@ -23,7 +23,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -80,42 +79,23 @@ class CompressionCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Instantiate model, datamodule, callbacks and trainer; a rejected argument is a usage error.
 
-        Every class of the package validates its arguments in ``__init__`` and raises a
-        ``ValueError`` that names the argument, shows the value and says what is accepted (Lightning
-        raises ``MisconfigurationException``). Here that message is reported like any other
-        configuration error (usage line, exit status 2), with the class that refused it, instead of
-        a traceback through jsonargparse.
+        Choices (``schedule``, ``criterion``, ``scope``, ...) are typed ``Literal[...]``, so a bad
+        choice already fails at parse time with the accepted values listed. Range checks live in the
+        classes' ``__init__`` and raise ``ValueError`` naming the argument, the value and what is
+        accepted; that message is reported as a configuration error (usage line, exit status 2)
+        instead of a traceback.
         """
         try:
             super().instantiate_classes()
         except (ValueError, MisconfigurationException) as err:
-            # jsonargparse wraps the class's own error in a long union-type message: report the
-            # outermost error raised from inside a class's ``__init__``, i.e. the class's message.
-            chained: BaseException | None = err
-            while chained is not None:
-                culprit = _refusing_class(chained.__traceback__)
-                if culprit is not None:
-                    self.parser.error(f"invalid configuration: {culprit}: {chained}", err)
-                chained = chained.__cause__ or chained.__context__
-            self.parser.error(f"invalid configuration: {err}", err)
+            self.parser.error(f"invalid configuration: {_innermost(err)}", err)
 
 
-def _refusing_class(tb: TracebackType | None) -> str | None:
-    """Name of the class whose ``__init__`` is outermost in the traceback ``tb``, or ``None``.
-
-    jsonargparse's own classes are skipped: they only carry the argument to the user's class.
-    """
-    while tb is not None:
-        frame = tb.tb_frame
-        module = frame.f_globals.get("__name__", "")
-        if (
-            frame.f_code.co_name == "__init__"
-            and "self" in frame.f_locals
-            and not module.startswith("jsonargparse")
-        ):
-            return type(frame.f_locals["self"]).__name__
-        tb = tb.tb_next
-    return None
+def _innermost(err: BaseException) -> BaseException:
+    """The original error behind jsonargparse's wrappers (the class's own message)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def report(args: Sequence[str]) -> CompressionSummary:

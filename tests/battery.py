@@ -47,7 +47,8 @@ class _Classifier(pl.LightningModule):
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-3)
         if self.hparams.optimizer == "sgd-steplr":
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 8, gamma=0.5)}
+            sched = torch.optim.lr_scheduler.StepLR(opt, 8, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
 

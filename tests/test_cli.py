@@ -149,3 +149,25 @@ def test_bad_callback_argument_names_it(tmp_path, capsys):
     assert "'foo'" in err
     assert "GradualPruning" in err
     assert "magnitude" in err  # says what is accepted
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--trainer.callbacks.help", "GradualPruning"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "{constant,linear,cubic,exponential,polynomial}" in out
+    assert "{magnitude,taylor,activation,random}" in out
+    assert "{global,local}" in out
+
+
+def test_out_of_range_value_is_a_usage_error_naming_it(tmp_path, capsys):
+    bad = LENET300.read_text().replace("target_sparsity: 0.92", "target_sparsity: 1.5")
+    assert "target_sparsity: 1.5" in bad
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "`target_sparsity`=1.5 is not supported; expected a number in [0, 1)" in err

@@ -273,7 +273,9 @@ class CompressionEngine(pl.Callback):
             and pl_module.device.type == "cpu"
             and not flushing_denormals()
         )
-        self.rebind(trainer)
+        # Bound lazily at the first optimizer step: the clients bind their own state in their
+        # on_train_start, which Lightning may call after this one.
+        self.invalidate()
 
     @override
     def on_train_batch_start(

@@ -222,7 +222,8 @@ class StepSchedule:
 
         Already-resolved steps (from a checkpoint) are kept; ``end`` is clamped to ``total - 1``.
         """
-        finite = total_steps is not None and math.isfinite(total_steps)
+        # Lightning reports an unknown length as inf (or -1 for an iterable dataset without len).
+        finite = total_steps is not None and math.isfinite(total_steps) and total_steps > 0
         if not self.resolved:
             for name, value in self._fractions():
                 if not finite:
