@@ -68,8 +68,10 @@ def test_optimizer_state_follows_the_surviving_entries(tmp_path: Path, optimizer
     model = MLP(optimizer=optimizer)
     tr = trainer(tmp_path, [lc.GradualPruning(target_sparsity=0.5, targets=["fc3"], start=0, end=4), probe])
     tr.fit(model, tiny_data())
-    assert model.fc1.weight.shape == (7, 144) and model.fc1.out_features == 7
-    assert model.fc2.weight.shape == (16, 7) and model.fc2.in_features == 7
+    assert model.fc1.weight.shape == (7, 144)
+    assert model.fc1.out_features == 7
+    assert model.fc2.weight.shape == (16, 7)
+    assert model.fc2.in_features == 7
     before, after = probe.before["state"], probe.after["state"]
     assert probe.after["opt"] is not probe.before["opt"]
     keep = torch.tensor(KEEP)
@@ -172,7 +174,8 @@ def test_replace_keeps_parameters_and_the_optimizer_and_reloads(tmp_path: Path) 
     tr.fit(model, tiny_data())
     assert isinstance(model.fc2, ScaledLinear)
     assert model.fc2.weight is weight  # the same Parameter object all along
-    assert probe.changes and all(c.kept == {} for c in probe.changes)
+    assert probe.changes
+    assert all(c.kept == {} for c in probe.changes)
     assert gp.masks.parameter("fc2.weight") is weight
     loaded = lc.load_checkpoint(MLP, tmp_path / "last.ckpt")
     assert isinstance(loaded.fc2, ScaledLinear)
