@@ -41,3 +41,15 @@ def test_demo_main_fast():
         assert 0.1 < result[key] <= 1.0
     assert result["dense_fit_s"] > 0
     assert result["pruned_fit_s"] > 0
+
+
+def test_custom_technique_example(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import custom_technique
+    finally:
+        sys.path.pop(0)
+    result = custom_technique.main(["--max-epochs", "3", "--root-dir", str(tmp_path)])
+    assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)  # the custom importance pruned exactly
+    assert result["max_abs_weight"] <= 0.3 + 1e-7  # the custom constraint held (float32 0.3)
+    assert result["test_acc"] > 0.8

@@ -159,7 +159,7 @@ class GradualPruning(CompressionCallback):
         self.include_embeddings = check_bool("include_embeddings", include_embeddings)
 
         self.masks = MaskSet(owner="GradualPruning")
-        self.importance: Importance = make_importance(self.criterion, self.seed, self.calibration_steps)
+        self.importance: Importance = self.build_importance()
         self.target_params: list[TargetParam] = []
         self.param_names: list[str] = []
         self.applied_sparsity = 0.0  # schedule value of the last update
@@ -289,6 +289,13 @@ class GradualPruning(CompressionCallback):
         self.importance.attach(root, kept)
 
     # ------------------------------------------------------------------ scoring
+    def build_importance(self) -> Importance:
+        """The importance object that scores weights. Override to plug in your own.
+
+        The default builds the one named by ``criterion`` (see :mod:`lightning_compress.core.importance`).
+        """
+        return make_importance(self.criterion, self.seed, self.calibration_steps)
+
     def score(self, name: str, weight: Tensor, step: int) -> Tensor:
         """Importance of every entry of parameter ``name`` (higher = keep). Override to customize.
 
