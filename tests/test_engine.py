@@ -196,13 +196,13 @@ def test_taylor_reference_prunes_the_smallest_weight_times_gradient() -> None:
         lin.weight.copy_(torch.tensor([[1.0, 0.1, -2.0]]))
     imp = TaylorImportance()
     imp.attach(net, select_parameters(net))
-    # hand-made gradients over two steps: |w*g| sums to [0.5+0.5, 1.0+0.2, 0.02+0.04]
+    # hand-made gradients over two steps: |w*g| averages to [(0.5+0.5)/2, (1.0+0.2)/2, (0.02+0.04)/2]
     for grad in ([[0.5, 10.0, 0.01]], [[-0.5, -2.0, 0.02]]):
         lin.weight.grad = torch.tensor(grad)
         fn = imp.constraints()[0].bind(imp.params)
         fn()
     (score,) = imp.scores(step=0)
-    torch.testing.assert_close(score, torch.tensor([[1.0, 1.2, 0.06]]))
+    torch.testing.assert_close(score, torch.tensor([[0.5, 0.6, 0.03]]))
     from lightning_compress.functional.pruning import unstructured_masks
 
     (mask,) = unstructured_masks([score], 1 / 3)  # prunes the largest weight: its |w*g| is smallest

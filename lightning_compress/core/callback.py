@@ -203,6 +203,15 @@ class CompressionCallback(pl.Callback):
         if stage == "fit" and self.engine is not None:
             self.engine.unregister(self)
 
+    def on_training_length(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int) -> None:
+        """The engine measured the run's length in training steps (manual optimization): re-resolve."""
+        for schedule in self.schedules():
+            schedule.refine(total, self.name)
+        self.schedules_changed()
+
+    def schedules_changed(self) -> None:
+        """The resolved schedule steps changed (override to recompute derived state)."""
+
     @property
     def step(self) -> int:
         """The current training step (the engine's clock)."""

@@ -184,12 +184,17 @@ class CompressionEngine(pl.Callback):
         self._weight_fns: dict[int, list[Callable[[], None]]] = {}
         self._n_observe: dict[int, int] = {}
         self._pl_module: nn.Module | None = None
+        #: The optimizer whose step is in progress (inside ``begin_step`` and gradient transforms).
+        self.current_optimizer: torch.optim.Optimizer | None = None
         self._constraints: list[Constraint] = []
         self._handles: list[Any] = []
         self._toggle_ftz = False
         self._bound = False
         self._pending: list[tuple[list[dict[str, Any]], str]] = []
         self._replayed_from: str | None = None
+        self._fit_global_step0 = 0
+        self._fit_batches = 0
+        self._length_measured = True
 
     @property
     @override
@@ -276,6 +281,9 @@ class CompressionEngine(pl.Callback):
         # Bound lazily at the first optimizer step: the clients bind their own state in their
         # on_train_start, which Lightning may call after this one.
         self.invalidate()
+        self._fit_global_step0 = trainer.global_step
+        self._fit_batches = 0
+        self._length_measured = pl_module.automatic_optimization
 
     @override
     def on_train_batch_start(
@@ -310,6 +318,7 @@ class CompressionEngine(pl.Callback):
         if fns is None:  # an optimizer built behind our back (e.g. by the user): bind it now
             self.rebind(trainer)
             fns = self._grad_fns.get(id(optimizer), [])
+        self.current_optimizer = optimizer
         with torch.no_grad():
             if first:
                 for c in self._constraints:
@@ -336,6 +345,7 @@ class CompressionEngine(pl.Callback):
             torch.set_flush_denormal(True)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.current_optimizer = None
         if self._toggle_ftz:
             torch.set_flush_denormal(False)
         fns = self._weight_fns.get(id(optimizer))
@@ -348,6 +358,15 @@ class CompressionEngine(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._fit_batches += 1
+        if not self._length_measured and self._stepped_this_batch and not self._skip_this_batch:
+            self._length_measured = True
+            total = self._measured_length(trainer)
+            if total is not None:
+                for client in self.clients:
+                    handler = getattr(client, "on_training_length", None)
+                    if handler is not None:
+                        handler(trainer, pl_module, total)
         if self._pending:
             pending, self._pending = self._pending, []
             for ops, owner in pending:
@@ -366,6 +385,29 @@ class CompressionEngine(pl.Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+
+    def _measured_length(self, trainer: pl.Trainer) -> int | None:
+        """Training steps of this run under manual optimization, from its first stepping batch.
+
+        Lightning's ``estimated_stepping_batches`` counts batches (manual optimization ignores
+        ``accumulate_grad_batches``) capped by ``max_steps``, which counts *optimizer* steps. A
+        training step here is a batch with at least one optimizer step, so after the first one the
+        engine knows how many batches make a step (``b``, manual accumulation) and how many
+        optimizer steps a training step takes (``k``, several optimizers) and rescales, assuming the
+        pattern repeats. ``None`` when the length is unknown.
+        """
+        import math
+
+        k = max(trainer.global_step - self._fit_global_step0, 1)
+        b = max(self._fit_batches, 1)
+        candidates = []
+        epochs = trainer.max_epochs
+        per_epoch = trainer.num_training_batches
+        if epochs is not None and epochs >= 0 and math.isfinite(per_epoch):
+            candidates.append(int(per_epoch * epochs) // b)
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            candidates.append(-(-(trainer.max_steps - self._fit_global_step0) // k) + self.clock - 1)
+        return min(candidates) if candidates else None
 
     def _remove_hooks(self) -> None:
         if self._toggle_ftz:

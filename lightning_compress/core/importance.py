@@ -131,42 +131,55 @@ class _TaylorObserver(Constraint):
     def bind(self, params: Sequence[nn.Parameter]) -> Callable[[], None] | None:
         index = {id(p): i for i, p in enumerate(self.owner.params)}
         plist = [p for p in params if id(p) in index]
-        accs = [self.owner.acc[index[id(p)]] for p in plist]
+        slots = [index[id(p)] for p in plist]
+        owner = self.owner
 
         def run() -> None:
-            pairs = [(p, a) for p, a in zip(plist, accs) if p.grad is not None]
+            pairs = [(p, i) for p, i in zip(plist, slots) if p.grad is not None]
             if not pairs:
                 return
             prods = torch._foreach_mul([p.detach() for p, _ in pairs], [p.grad for p, _ in pairs])
             torch._foreach_abs_(prods)
-            torch._foreach_add_([a for _, a in pairs], prods)
+            torch._foreach_add_([owner.acc[i] for _, i in pairs], prods)
+            for _, i in pairs:
+                owner.steps[i] += 1
 
         return run
 
 
 class TaylorImportance(Importance):
-    """First-order Taylor importance ``sum_t |w_t * g_t|`` since the last update (Molchanov et al., 2017)."""
+    """First-order Taylor importance ``mean_t |w_t * g_t|`` since the last update (Molchanov et al., 2017).
+
+    The mean runs over the steps in which the parameter had a gradient, so a network whose optimizer
+    steps less often (a frozen phase, a WGAN generator's ``n_critic`` schedule) is not pruned harder
+    in global scope merely for having fewer terms.
+    """
 
     name = "taylor"
 
     def __init__(self) -> None:
         super().__init__()
         self.acc: list[Tensor] = []
+        self.steps: list[int] = []
         self._saved: dict[str, Tensor] = {}
+        self._saved_steps: dict[str, int] = {}
 
     @override
     def attach(self, root: nn.Module, targets: Sequence[TargetParam]) -> None:
         old = {t.param: a for t, a in zip(self.targets, self.acc)}
+        old_steps = {t.param: n for t, n in zip(self.targets, self.steps)}
         old.update(self._saved)
-        self._saved = {}
+        old_steps.update(self._saved_steps)
+        self._saved, self._saved_steps = {}, {}
         super().attach(root, targets)
-        self.acc = []
+        self.acc, self.steps = [], []
         for t, p in zip(self.targets, self.params):
             prev = old.get(t.param)
             ok = prev is not None and prev.shape == p.shape
             self.acc.append(
                 prev.to(p.device, torch.float32) if ok else torch.zeros_like(p, dtype=torch.float32)
             )
+            self.steps.append(int(old_steps.get(t.param, 0)) if ok else 0)
 
     @override
     def constraints(self) -> list[Constraint]:
@@ -182,20 +195,25 @@ class TaylorImportance(Importance):
 
     @override
     def scores(self, step: int) -> list[Tensor]:
-        return [a.clone() for a in self.acc]
+        return [a / max(n, 1) for a, n in zip(self.acc, self.steps)]
 
     @override
     def reset(self) -> None:
         for a in self.acc:
             a.zero_()
+        self.steps = [0] * len(self.acc)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"acc": {t.param: a.detach().cpu().clone() for t, a in zip(self.targets, self.acc)}}
+        return {
+            "acc": {t.param: a.detach().cpu().clone() for t, a in zip(self.targets, self.acc)},
+            "steps": {t.param: n for t, n in zip(self.targets, self.steps)},
+        }
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._saved = dict(state.get("acc", {}))
+        self._saved_steps = {k: int(v) for k, v in state.get("steps", {}).items()}
 
 
 class ActivationImportance(Importance):

@@ -43,6 +43,7 @@ class MaskSet:
         # place, so closures bound by the engine stay valid across mask updates.
         self._fmasks: dict[str, Tensor] = {}
         self._slots: list[tuple[str, nn.Module, str, nn.Parameter]] = []
+        self._dirty: set[str] = set()
 
     # ------------------------------------------------------------------ binding and editing
     def bind(self, model: nn.Module, names: Iterable[str]) -> None:
@@ -83,10 +84,18 @@ class MaskSet:
         """Replace the mask of parameter ``name`` (shape-checked) and zero the pruned weights."""
         self.update({name: mask})
 
-    def update(self, masks: Mapping[str, Tensor]) -> None:
+    def update(self, masks: Mapping[str, Tensor], zero_now: Iterable[Tensor] | None = None) -> None:
         """Replace several masks at once and zero the newly pruned weights.
 
         All masks are checked before any is stored, so a bad one leaves every mask unchanged.
+
+        Args:
+            masks: New keep-masks by parameter name.
+            zero_now: If given, only these parameters (e.g. those of the optimizer about to step) are
+                zeroed at once. The others are zeroed lazily, right before their own optimizer's next
+                step (their backward is done then) or by :meth:`flush`. Zeroing a parameter of another
+                network in place in the middle of a step would invalidate an autograd graph that still
+                needs it (a GAN's generator graph reused after the discriminator's step).
         """
         self.verify()
         for name in masks:
@@ -94,10 +103,22 @@ class MaskSet:
                 raise KeyError(f"MaskSet: {name!r} is not bound; bound parameters: {sorted(self._params)}.")
         checked = {name: self._checked(name, m, self._params[name]) for name, m in masks.items()}
         self._masks.update(checked)
+        now = None if zero_now is None else {id(p) for p in zero_now}
         with torch.no_grad():
             for name, m in checked.items():
                 self._fmasks[name].copy_(m)
-                self._params[name].mul_(self._fmasks[name])
+                if now is None or id(self._params[name]) in now:
+                    self._params[name].mul_(self._fmasks[name])
+                else:
+                    self._dirty.add(name)
+
+    @torch.no_grad()
+    def flush(self, names: Iterable[str] | None = None) -> None:
+        """Zero the weights whose masks changed but were not applied yet (all, or those in ``names``)."""
+        todo = self._dirty if names is None else self._dirty.intersection(names)
+        for name in list(todo):
+            self._params[name].mul_(self._fmasks[name])
+            self._dirty.discard(name)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load masks saved by :meth:`state_dict`; they are bound to parameters by the next :meth:`bind`."""
@@ -245,10 +266,18 @@ class _MaskConstraint(Constraint):
         by_id = {id(p): name for name, p in self.masks._params.items()}
         plist = [p for p in params if id(p) in by_id]
         mlist = [self.masks._fmasks[by_id[id(p)]] for p in plist]
+        names = [by_id[id(p)] for p in plist]
+        masks = self.masks
         if not plist:
             return None
         if self.grads:
-            return lambda: _mul_grads(plist, mlist)
+
+            def run() -> None:
+                if masks._dirty:  # a mask update deferred zeroing these weights to this point
+                    masks.flush(names)
+                _mul_grads(plist, mlist)
+
+            return run
         return lambda: torch._foreach_mul_(plist, mlist)
 
     def verify(self) -> None:

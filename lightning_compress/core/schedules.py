@@ -196,6 +196,7 @@ class StepSchedule:
         self.start_step: int | None = None
         self.end_step: int | None = None
         self.total: float | None = None
+        self._fresh = False  # resolved in this run (not restored from a checkpoint)
 
     @property
     def resolved(self) -> bool:
@@ -235,11 +236,22 @@ class StepSchedule:
                     )
             self.start_step = resolve_step(self.start, total_steps, self.names[0])
             self.end_step = None if self.end is None else resolve_step(self.end, total_steps, self.names[1])
+            self._fresh = True
         if finite:
             self.total = float(total_steps)
             last = max(int(total_steps) - 1, 0)
             if self.end_step is not None and self.end_step > last:
                 self.end_step = max(last, self.start_step)
+
+    def refine(self, total_steps: int, owner: str = "") -> None:
+        """Re-resolve against a better estimate of the run's length, measured once training started.
+
+        Used with manual optimization, where Lightning's estimate counts optimizer steps or batches
+        rather than training steps. Points restored from a checkpoint are only clamped.
+        """
+        if self._fresh:
+            self.start_step = self.end_step = None
+        self.resolve(total_steps, owner)
 
     def progress(self, step: int) -> float:
         """Fraction of the way from start to end at ``step`` (0 before start, 1 from end on)."""
@@ -257,6 +269,7 @@ class StepSchedule:
 
     def load_state_dict(self, state: dict[str, int | float | None]) -> None:
         """Restore resolved steps saved by :meth:`state_dict`."""
+        self._fresh = False
         self.start_step = None if state.get("start_step") is None else int(state["start_step"])
         self.end_step = None if state.get("end_step") is None else int(state["end_step"])
         self.total = state.get("total")

@@ -59,8 +59,19 @@ def select_modules(
         Module names in ``named_modules()`` order.
 
     Raises:
-        ValueError: When nothing matches; the message lists the supported layers that exist.
+        ValueError: When nothing matches, or an ``exclude`` pattern matches no module at all (a
+            misspelled exclusion would otherwise silently compress the layer it meant to keep);
+            the message lists the names that exist.
     """
+    all_names = [name for name, _ in model.named_modules() if name]
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
+            shown = ", ".join(all_names[:12]) + (" ..." if len(all_names) > 12 else "")
+            raise ValueError(
+                f"{owner}: `exclude` pattern {pattern!r} matches no module, so it would exclude nothing. "
+                f"Patterns match full module names, e.g. [{shown}]; use '*{pattern.lstrip('*')}' to match "
+                "a name at any depth."
+            )
     candidates = [name for name, m in model.named_modules() if name and isinstance(m, types)]
     chosen = [
         name

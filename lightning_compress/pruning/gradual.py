@@ -63,7 +63,7 @@ class GradualPruning(CompressionCallback):
             consecutive weights along the input dimension; sparsity ramps per group).
         targets: fnmatch patterns over module names (default all supported layers).
         exclude: fnmatch patterns to leave dense, e.g. the final classifier (``["fc3"]``,
-            ``["decoder"]``).
+            ``["*decoder"]``); a pattern that matches no module is an error.
         initial_sparsity: ``s_i`` of the schedule.
         power: Exponent of the ``"polynomial"`` schedule.
         calibration_steps: Training steps of activation statistics before each update
@@ -207,7 +207,13 @@ class GradualPruning(CompressionCallback):
         self.masks.apply_to_weights_()
         self.importance.attach(root, self.target_params)
         self._clean_optimizer_state(trainer)
-        step = self.engine.clock if self.engine is not None else trainer.global_step
+        self._plan_next_update(self.engine.clock if self.engine is not None else trainer.global_step)
+
+    @override
+    def schedules_changed(self) -> None:
+        self._plan_next_update(self.engine.clock if self.engine is not None else 0)
+
+    def _plan_next_update(self, step: int) -> None:
         sched = self.step_schedule
         if self.last_update_step < 0 and step > sched.start_step:
             self._next_update = step  # attached after its start step: catch up now
@@ -248,6 +254,8 @@ class GradualPruning(CompressionCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.masks.flush()  # weights of optimizers that did not step after the last mask update
         # Aligned with Lightning's own log_every_n_steps so the value reaches every logger.
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log("sparsity", self.sparsity, on_step=True, on_epoch=False)
@@ -339,15 +347,22 @@ class GradualPruning(CompressionCallback):
                 n_keep, m = self.nm
                 prune = min(math.floor(target * m + 1e-9), m - n_keep)
                 new = [nm_mask(s, n_keep, m, prune, prev) for s, prev in zip(scores, previous)]
-            self.masks.update(dict(zip(self.param_names, new)))
-            if self.engine is not None:
-                self.engine.apply_weight_constraints()
+            stepping = self.engine.current_optimizer if self.engine is not None else None
+            zero_now = None
+            if stepping is not None:
+                zero_now = [p for g in stepping.param_groups for p in g["params"]]
+            self.masks.update(dict(zip(self.param_names, new)), zero_now=zero_now)
             if trainer is not None:
                 self._clean_optimizer_state(trainer)
             self.applied_sparsity = target
             counts = self.masks.counts()
             self.sparsity = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
-            self.layer_sparsity = {n.rsplit(".", 1)[0]: z / t for n, (z, t) in counts.items()}
+            per_module: dict[str, list[int]] = {}
+            for n, (z, t) in counts.items():  # several targeted parameters may share a module (q/k/v)
+                acc = per_module.setdefault(n.rsplit(".", 1)[0], [0, 0])
+                acc[0] += z
+                acc[1] += t
+            self.layer_sparsity = {m: z / t for m, (z, t) in per_module.items()}
             self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
         self.importance.reset()
