@@ -5,8 +5,12 @@ weights step by step while the model trains, and keeps them zero) and ``Compress
 prints what that bought at the end of ``fit`` and saves a per-layer sparsity plot), train as usual,
 and the model that comes out is sparse: its state_dict and checkpoints hold the zeros.
 
-    python examples/prune_existing_trainer.py                  # ~15 s on a laptop CPU
-    python examples/prune_existing_trainer.py --sparsity 0.95 --max-epochs 20
+    python examples/prune_existing_trainer.py                  # ~20 s on a 2-core CPU
+    python examples/prune_existing_trainer.py --sparsity 0.95 --max-epochs 30
+
+The model trains with the optimizer recipe of ``make demo`` (SGD, lr 0.05, momentum 0.9, weight
+decay 1e-4, batch 64, 20 epochs): dense it reaches about 97 % on the 359 test digits, and pruned to
+90 % about half a point less (mean of seeds 0-2).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from lightning_compress.demos import DigitsDataModule
 class DigitClassifier(pl.LightningModule):
     """Your own model: a small MLP for scikit-learn's 8x8 digits. Nothing in it knows about pruning."""
 
-    def __init__(self, hidden: int = 128, lr: float = 3e-3) -> None:
+    def __init__(self, hidden: int = 128, lr: float = 0.05, weight_decay: float = 1e-4) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -52,12 +56,14 @@ class DigitClassifier(pl.LightningModule):
         self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zero weights")
     parser.add_argument(
         "--root-dir", default=None, help="where logs and the plot go (default: the current directory)"

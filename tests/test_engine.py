@@ -267,3 +267,29 @@ def test_pruned_optimizer_state_is_exactly_zero_or_one(tmp_path: Path) -> None:
                 assert not tiny.any()  # no denormals
                 checked += 1
         assert checked >= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_amp_skipped_step(tmp_path: Path) -> None:
+    cb = lc.GradualPruning(target_sparsity=0.5, criterion="taylor", start=3, end=3, frequency=1)
+    seen: list[int] = []
+    original = cb.begin_step
+    cb.begin_step = lambda tr, m, step: (seen.append(step), original(tr, m, step))
+    tr = trainer(
+        tmp_path,
+        [cb, _OverflowOnce(at=3)],
+        max_steps=6,
+        accelerator="gpu",
+        precision="16-mixed",
+        deterministic=False,
+    )
+    model = MLP()
+    tr.fit(model, tiny_data())
+    assert seen == [0, 1, 2, 4, 5]
+    assert cb.last_update_step == 4
+    for acc in cb.importance.acc:
+        assert acc.is_cuda
+        assert torch.isfinite(acc).all()
+    assert cb.sparsity == pytest.approx(0.5, abs=1e-3)
+    for name in cb.masks.names:
+        assert not model.get_parameter(name)[~cb.masks[name].cpu()].any()  # Lightning moved it back
