@@ -9,6 +9,7 @@ from lightning_compress.core.engine import CompressionEngine, Constraint, Functi
 from lightning_compress.core.importance import (
     ActivationImportance,
     Importance,
+    LAMPImportance,
     MagnitudeImportance,
     RandomImportance,
     TaylorImportance,
@@ -34,6 +35,7 @@ __all__ = [
     "FunctionConstraint",
     "GradualPruning",
     "Importance",
+    "LAMPImportance",
     "MagnitudeImportance",
     "MaskSet",
     "RandomImportance",

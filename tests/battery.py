@@ -428,8 +428,8 @@ REGISTRY: list[Entry] = [
         model="resnet",
     ),
     Entry(
-        "gradual-magnitude-bn-cnn",
-        _gradual(target_sparsity=0.7, schedule="exponential", **_SCHED),
+        "gradual-lamp-bn-cnn",
+        _gradual(target_sparsity=0.7, schedule="exponential", criterion="lamp", **_SCHED),
         _pruning_check(0.7),
         model="bn-cnn",
     ),

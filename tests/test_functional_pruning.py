@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lightning_compress.functional.pruning import (
     activation_score,
     channel_mean_abs,
+    lamp_score,
     magnitude_score,
     nm_mask,
     parse_nm,
@@ -354,3 +355,30 @@ def test_min_keep_local_scope_ignores_it_and_validation() -> None:
         unstructured_masks(scores, 0.5, min_keep=[1.5, 1])
     with pytest.raises(ValueError, match=r"`min_keep`=3 is not supported; expected a list"):
         unstructured_masks(scores, 0.5, min_keep=3)
+
+
+def _lamp_reference(w: torch.Tensor) -> torch.Tensor:
+    flat = w.flatten().double() ** 2
+    out = torch.empty_like(flat)
+    order = torch.argsort(flat, stable=True)
+    for rank, i in enumerate(order.tolist()):  # the paper's formula, entry by entry
+        out[i] = flat[i] / flat[order[rank:]].sum()
+    return out.view_as(w).float()
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (3, 2, 3, 3), (7,)])
+def test_lamp_score_matches_the_papers_formula(shape: tuple[int, ...]) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    torch.testing.assert_close(lamp_score(w), _lamp_reference(w), rtol=1e-5, atol=1e-7)
+    assert torch.equal(torch.argsort(lamp_score(w).flatten()), torch.argsort(w.abs().flatten()))
+    assert lamp_score(w).max().item() == pytest.approx(1.0)  # every layer keeps its largest weight
+
+
+def test_lamp_global_allocation_differs_from_magnitude() -> None:
+    small = torch.full((2, 2), 0.1)  # a small-magnitude layer: global |w| would empty it
+    small[0, 0] = 0.2
+    big = torch.linspace(0.5, 2.0, 16).view(4, 4)
+    by_magnitude = unstructured_masks([small.abs(), big.abs()], 0.5)
+    by_lamp = unstructured_masks([lamp_score(small), lamp_score(big)], 0.5)
+    assert int(by_magnitude[0].sum()) == 0
+    assert int(by_lamp[0].sum()) >= 1

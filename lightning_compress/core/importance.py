@@ -13,6 +13,7 @@ object only answers *how important* each entry is:
 * :class:`ActivationImportance`: ``|w_ij| * E|x_j|``, weight magnitude times the mean absolute input
   on its input feature / channel (Wanda, Sun et al., 2023, with the L1 norm), from forward hooks
   that run only during a calibration window before each update.
+* :class:`LAMPImportance`: layer-adaptive magnitude (Lee et al., 2021) for global scope.
 * :class:`RandomImportance`: uniform scores seeded by ``(seed, step)``; a baseline.
 
 Cross-rank agreement: statistics are reduced with ``trainer.strategy.reduce`` in the fixed order
@@ -32,11 +33,12 @@ from typing_extensions import override
 
 from lightning_compress.core.engine import OBSERVE, Constraint
 from lightning_compress.core.params import TargetParam, activation_input
-from lightning_compress.functional.pruning import channel_mean_abs, magnitude_score, random_score
+from lightning_compress.functional.pruning import channel_mean_abs, lamp_score, magnitude_score, random_score
 
 __all__ = [
     "ActivationImportance",
     "Importance",
+    "LAMPImportance",
     "MagnitudeImportance",
     "RandomImportance",
     "TaylorImportance",
@@ -103,6 +105,20 @@ class MagnitudeImportance(Importance):
     @override
     def scores(self, step: int) -> list[Tensor]:
         return [magnitude_score(p) for p in self.params]
+
+
+class LAMPImportance(Importance):
+    """Layer-adaptive magnitude (LAMP; Lee et al., ICLR 2021): ``w_u^2 / sum_{|w_v| >= |w_u|} w_v^2``.
+
+    Ranks like magnitude inside a layer; in global scope it decides how sparse each layer gets
+    (see :func:`lightning_compress.functional.pruning.lamp_score`).
+    """
+
+    name = "lamp"
+
+    @override
+    def scores(self, step: int) -> list[Tensor]:
+        return [lamp_score(p) for p in self.params]
 
 
 class RandomImportance(Importance):
@@ -363,7 +379,9 @@ def make_importance(criterion: str, seed: int = 0, calibration_steps: int = 8) -
         return ActivationImportance(calibration_steps)
     if criterion == "random":
         return RandomImportance(seed)
+    if criterion == "lamp":
+        return LAMPImportance()
     raise ValueError(
         f"`criterion`={criterion!r} is not supported; expected one of "
-        "['magnitude', 'taylor', 'activation', 'random']."
+        "['magnitude', 'taylor', 'activation', 'random', 'lamp']."
     )

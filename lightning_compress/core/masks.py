@@ -112,13 +112,15 @@ class MaskSet:
                 else:
                     self._dirty.add(name)
 
-    @torch.no_grad()
     def flush(self, names: Iterable[str] | None = None) -> None:
         """Zero the weights whose masks changed but were not applied yet (all, or those in ``names``)."""
+        if not self._dirty:  # the common case, on every batch: no tensor work, no grad-mode switch
+            return
         todo = self._dirty if names is None else self._dirty.intersection(names)
-        for name in list(todo):
-            self._params[name].mul_(self._fmasks[name])
-            self._dirty.discard(name)
+        with torch.no_grad():
+            for name in list(todo):
+                self._params[name].mul_(self._fmasks[name])
+                self._dirty.discard(name)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load masks saved by :meth:`state_dict`; they are bound to parameters by the next :meth:`bind`."""

@@ -58,6 +58,26 @@ def channel_mean_abs(x: Tensor, channel_dim: int) -> Tensor:
     return x.mean(dim=dims) if dims else x
 
 
+def lamp_score(weight: Tensor) -> Tensor:
+    r"""Layer-adaptive magnitude score (LAMP; Lee, Park, Mo, Ahn & Shin, ICLR 2021).
+
+    With the squared magnitudes of one tensor sorted ascending, :math:`w_1^2 \le ... \le w_n^2`,
+
+    .. math:: \mathrm{score}(u) = \frac{w_u^2}{\sum_{v \ge u} w_v^2}
+
+    (ties broken by sort order). Within a tensor it orders entries exactly like ``|w|``; across
+    tensors it makes one global threshold allocate sparsity layer by layer (the largest entry of
+    every tensor scores 1, so no layer is emptied), which holds accuracy better than plain global
+    magnitude at extreme sparsity.
+    """
+    w2 = weight.detach().flatten().float() ** 2
+    sorted_w2, order = torch.sort(w2)
+    tail = torch.flip(torch.cumsum(torch.flip(sorted_w2, [0]), 0), [0])
+    score = torch.empty_like(w2)
+    score[order] = sorted_w2 / tail.clamp_min(torch.finfo(torch.float32).tiny)
+    return score.view_as(weight)
+
+
 def random_score(shape: Sequence[int], step: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
     """Uniform random scores from a generator seeded by ``(seed, step)``.
 

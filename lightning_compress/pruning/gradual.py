@@ -18,11 +18,11 @@ from lightning_compress.core.schedules import SCHEDULES, StepSchedule, next_upda
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
 from lightning_compress.functional.pruning import nm_mask, parse_nm, unstructured_masks
 
-CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "activation", "random")
+CRITERIA: tuple[str, ...] = ("magnitude", "taylor", "activation", "random", "lamp")
 SCOPES: tuple[str, ...] = ("global", "local")
 
 ScheduleName = Literal["constant", "linear", "cubic", "exponential", "polynomial"]
-CriterionName = Literal["magnitude", "taylor", "activation", "random"]
+CriterionName = Literal["magnitude", "taylor", "activation", "random", "lamp"]
 ScopeName = Literal["global", "local"]
 
 
@@ -56,7 +56,9 @@ class GradualPruning(CompressionCallback):
         criterion: Importance score: ``"magnitude"`` ``|w|``; ``"taylor"`` ``|w * grad|`` accumulated
             over the steps since the last update; ``"activation"`` ``|w| * E|x|`` with the mean
             absolute input per input feature/channel, gathered by forward hooks during the
-            ``calibration_steps`` steps before each update only; ``"random"`` (a baseline).
+            ``calibration_steps`` steps before each update only; ``"lamp"`` layer-adaptive magnitude
+            ``w_u^2 / sum_{|w_v|>=|w_u|} w_v^2`` (Lee et al., 2021: same order as ``|w|`` inside a
+            layer, better per-layer allocation in global scope); ``"random"`` (a baseline).
         scope: ``"global"`` (one threshold over all targeted layers) or ``"local"`` (every layer
             pruned to the same sparsity).
         pattern: ``"unstructured"`` or an ``"N:M"`` string such as ``"2:4"`` (keep N of every M
