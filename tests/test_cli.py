@@ -157,7 +157,7 @@ def test_help_lists_the_choices(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "{constant,linear,cubic,exponential,polynomial}" in out
-    assert "{magnitude,taylor,activation,random}" in out
+    assert "{magnitude,taylor,activation,random,lamp}" in out
     assert "{global,local}" in out
 
 

@@ -200,10 +200,14 @@ def test_mnist_accuracy_at_90_percent_sparsity(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_strategy_subprocess(tmp_path: Path) -> None:
-    """`strategy="ddp"` re-executes the script per rank, so it runs as a subprocess."""
+    """`strategy="ddp"` re-executes the script per rank, so it runs as a subprocess.
+
+    The activation criterion is data dependent: each rank sees half the batches, so the masks only
+    agree if the statistics are reduced across ranks.
+    """
     env = {**os.environ, "PYTHONPATH": str(HERE), "PL_DISABLE_FORK": "1"}
     proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_script.py"), str(tmp_path)],
+        [sys.executable, str(HERE / "ddp_script.py"), "gradual-activation-global-resnet", str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -211,7 +215,10 @@ def test_ddp_strategy_subprocess(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0.keys() == r1.keys() == {"conv.weight", "fc1.weight", "fc2.weight"}
+    masks = [k for k in r0 if not k.startswith("param:")]
+    assert masks == ["0:stem.weight", "0:block.0.weight", "0:block.3.weight", "0:fc.weight"]
+    assert r0.keys() == r1.keys()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
-    assert torch.cat([m.flatten() for m in r0.values()]).float().mean().item() == pytest.approx(0.3, abs=1e-3)
+    kept = torch.cat([r0[k].flatten() for k in masks]).float().mean().item()
+    assert kept == pytest.approx(0.2, abs=1e-3)
