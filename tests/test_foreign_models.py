@@ -517,7 +517,7 @@ def test_frozen_network_is_not_touched_by_the_other_optimizers_step(
 
     Holds on plain steps; fails on mask-update steps (5, 8, 11): ``GradualPruning.update_masks``
     zeroes every masked parameter in place from inside the stepping optimizer's hook
-    (``MaskSet.update`` and ``CompressionEngine.apply_weight_constraints``), whichever optimizer
+    (``MaskSet.update`` zeroing every masked weight at once), whichever optimizer
     owns it. That is what breaks the DCGAN loop above.
     """
     model, _ = partly_frozen

@@ -19,7 +19,6 @@ student) and its ``StepSchedule`` objects.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_debug
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core.engine import CompressionEngine, Constraint, flushing_denormals, get_engine
@@ -45,16 +44,6 @@ REFUSED_STRATEGIES: tuple[type, ...] = (DeepSpeedStrategy,)
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
-    """Average ``tensors`` in place across ranks (no-op outside distributed runs)."""
-    if not is_distributed() or not tensors:
-        return
-    world = dist.get_world_size()
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(world)
 
 
 def compression_root(pl_module: nn.Module) -> tuple[nn.Module, str]:
@@ -242,7 +231,6 @@ __all__ = [
     "REFUSED_STRATEGIES",
     "SUPPORTED_STRATEGIES",
     "CompressionCallback",
-    "all_reduce_mean_",
     "compression_root",
     "flushing_denormals",
     "is_distributed",

@@ -41,7 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 #: Phases, in the order the engine runs them. Before the optimizer step:
@@ -146,14 +146,13 @@ def flushing_denormals() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def _scaler_skips(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+def _scaler_skips(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     """True when the AMP GradScaler found inf/NaN gradients for ``optimizer`` (the step will be skipped).
 
     Lightning unscales before ``on_before_optimizer_step``, so the scaler already knows; reading its
     flag synchronises with the device, but only under fp16 AMP, where ``scaler.step`` synchronises on
     the same flag anyway.
     """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not scaler.is_enabled():
         return False
     state = scaler._per_optimizer_states.get(id(optimizer))
@@ -194,6 +193,8 @@ class CompressionEngine(pl.Callback):
         self._replayed_from: str | None = None
         self._fit_global_step0 = 0
         self._fit_batches = 0
+        self._scaler: Any = None
+        self._begin_fns: list[Callable[..., None]] = []
         self._length_measured = True
 
     @property
@@ -226,6 +227,7 @@ class CompressionEngine(pl.Callback):
         """
         self._remove_hooks()
         constraints = [c for client in self.clients for c in client.constraints()]
+        self._begin_fns = [f for f in (getattr(c, "begin_step", None) for c in self.clients) if f is not None]
         order = {phase: i for i, phase in enumerate(PHASES)}
         # Stable sort: within a phase, registration order (constraints of one phase commute).
         constraints.sort(key=lambda c: order[c.phase])
@@ -245,15 +247,6 @@ class CompressionEngine(pl.Callback):
             self._weight_fns[id(opt)] = weight_fns
             self._handles.append(opt.register_step_post_hook(self._post_step))
         self._bound = True
-
-    def apply_weight_constraints(self) -> None:
-        """Run every weight-phase constraint on all of its parameters now (e.g. right after a mask update)."""
-        with torch.no_grad():
-            for c in self._constraints:
-                if c.phase in WEIGHT_PHASES and c.params:
-                    fn = c.bind(c.params)
-                    if fn is not None:
-                        fn()
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -281,6 +274,7 @@ class CompressionEngine(pl.Callback):
         # Bound lazily at the first optimizer step: the clients bind their own state in their
         # on_train_start, which Lightning may call after this one.
         self.invalidate()
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._fit_global_step0 = trainer.global_step
         self._fit_batches = 0
         self._length_measured = pl_module.automatic_optimization
@@ -302,7 +296,7 @@ class CompressionEngine(pl.Callback):
             self.step = self.clock
             self.clock += 1
             self._skip_this_batch = False
-        if _scaler_skips(trainer, optimizer):
+        if self._scaler is not None and _scaler_skips(self._scaler, optimizer):
             # The scaler will not step: no statistics, no mask update from these gradients. The
             # clock still advances (training time passes); work due now happens at the next real step.
             self._stepped_this_batch = first or self._stepped_this_batch
@@ -328,10 +322,8 @@ class CompressionEngine(pl.Callback):
                 n_obs = self._n_observe.get(id(optimizer), 0)
                 for fn in fns[:n_obs]:
                     fn()
-                for client in self.clients:
-                    begin = getattr(client, "begin_step", None)
-                    if begin is not None:
-                        begin(trainer, pl_module, self.step)
+                for begin in self._begin_fns:
+                    begin(trainer, pl_module, self.step)
                 if not self._bound:  # a client changed its parameter list
                     self.rebind(trainer)
                     fns = self._grad_fns.get(id(optimizer), [])
@@ -485,12 +477,6 @@ def get_engine(trainer: pl.Trainer) -> CompressionEngine:
     # iterating the old list; inserting into it would make that loop visit a callback twice.
     trainer.callbacks = [engine, *trainer.callbacks]
     return engine
-
-
-def current_optimizer_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> dict[str, Tensor]:
-    """The per-entry state tensors of ``param`` in ``optimizer`` (those shaped like the parameter)."""
-    state = optimizer.state.get(param, {})
-    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.shape == param.shape}
 
 
 __all__ = [
