@@ -136,15 +136,20 @@ def test_users_own_model_by_class_path(tmp_path):
     assert _zero_fraction(weights) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_bad_callback_argument_names_it(tmp_path, capsys):
-    bad = LENET300.read_text().replace("criterion: magnitude", "criterion: foo")
-    assert "criterion: foo" in bad
+def _fit_edited_recipe(tmp_path, capsys, old: str, new: str) -> str:
+    """Run `fit` on the LeNet recipe with ``old`` replaced by ``new``; expect a usage error, return stderr."""
+    bad = LENET300.read_text().replace(old, new)
+    assert new in bad
     path = tmp_path / "bad.yaml"
     path.write_text(bad)
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
     assert exc.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_bad_callback_argument_names_it(tmp_path, capsys):
+    err = _fit_edited_recipe(tmp_path, capsys, "criterion: magnitude", "criterion: foo")
     assert "criterion" in err
     assert "'foo'" in err
     assert "GradualPruning" in err
@@ -162,12 +167,5 @@ def test_help_lists_the_choices(capsys):
 
 
 def test_out_of_range_value_is_a_usage_error_naming_it(tmp_path, capsys):
-    bad = LENET300.read_text().replace("target_sparsity: 0.92", "target_sparsity: 1.5")
-    assert "target_sparsity: 1.5" in bad
-    path = tmp_path / "bad.yaml"
-    path.write_text(bad)
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    err = _fit_edited_recipe(tmp_path, capsys, "target_sparsity: 0.92", "target_sparsity: 1.5")
     assert "`target_sparsity`=1.5 is not supported; expected a number in [0, 1)" in err

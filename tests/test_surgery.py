@@ -32,22 +32,20 @@ class ChangeAt(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step != self.at:
             return
-        opt = trainer.optimizers[0]
-        self.before = {
-            "state": {n: _copy(opt.state[p]) for n, p in pl_module.named_parameters() if p in opt.state},
-            "lr": [g["lr"] for g in opt.param_groups],
-            "sched": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-            "opt": opt,
-        }
+        self.before = _training_state(trainer, pl_module)
         engine = lc.get_engine(trainer)
         self.changes = engine.change_structure(trainer, pl_module, self.ops, "test")
-        new = trainer.optimizers[0]
-        self.after = {
-            "state": {n: _copy(new.state[p]) for n, p in pl_module.named_parameters() if p in new.state},
-            "lr": [g["lr"] for g in new.param_groups],
-            "sched": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-            "opt": new,
-        }
+        self.after = _training_state(trainer, pl_module)
+
+
+def _training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    opt = trainer.optimizers[0]
+    return {
+        "state": {n: _copy(opt.state[p]) for n, p in pl_module.named_parameters() if p in opt.state},
+        "lr": [g["lr"] for g in opt.param_groups],
+        "sched": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "opt": opt,
+    }
 
 
 KEEP = [1, 3, 4, 8, 9, 20, 31]
