@@ -293,3 +293,20 @@ def test_cuda_fp16_amp_skipped_step(tmp_path: Path) -> None:
     assert cb.sparsity == pytest.approx(0.5, abs=1e-3)
     for name in cb.masks.names:
         assert not model.get_parameter(name)[~cb.masks[name].cpu()].any()  # Lightning moved it back
+
+
+def test_checkpoint_without_engine_state_resumes_on_the_global_step(tmp_path: Path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = lc.GradualPruning(target_sparsity=0.5, start=0, end=24, frequency=4)
+    trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(MLP(), tiny_data())
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    del raw["callbacks"]["CompressionEngine"]  # as written before the engine existed
+    torch.save(raw, tmp_path / "old.ckpt")
+    resumed = lc.GradualPruning(target_sparsity=0.5, start=0, end=24, frequency=4)
+    steps: list[int] = []
+    original = resumed.begin_step
+    resumed.begin_step = lambda tr, m, step: (steps.append(step), original(tr, m, step))
+    trainer(tmp_path, [resumed], max_epochs=3).fit(MLP(), tiny_data(), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert steps == list(range(2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))

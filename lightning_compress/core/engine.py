@@ -275,6 +275,10 @@ class CompressionEngine(pl.Callback):
         # on_train_start, which Lightning may call after this one.
         self.invalidate()
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self.clock == 0 and trainer.global_step > 0 and pl_module.automatic_optimization:
+            # Resumed from a checkpoint without engine state (written before the engine existed):
+            # with automatic optimization the training step is the global step.
+            self.clock = trainer.global_step
         self._fit_global_step0 = trainer.global_step
         self._fit_batches = 0
         self._length_measured = pl_module.automatic_optimization
