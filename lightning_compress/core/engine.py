@@ -222,8 +222,8 @@ class CompressionEngine(pl.Callback):
     def rebind(self, trainer: pl.Trainer) -> None:
         """Re-read every client's constraints and bind them to the trainer's current optimizers.
 
-        Called at train start, after structure changes, and whenever a client's parameter list
-        changed. Also (re-)registers the ``optimizer.step`` post-hooks.
+        Called lazily before the first optimizer step of a fit, after structure changes, and whenever
+        a client's parameter list changed. Also (re-)registers the ``optimizer.step`` post-hooks.
         """
         self._remove_hooks()
         constraints = [c for client in self.clients for c in client.constraints()]
