@@ -53,7 +53,7 @@ class GradualPruning(CompressionCallback):
         end: Step (int) or fraction (float) at which ``target_sparsity`` is reached; clamped to the
             last step the run actually takes, so ``end=1.0`` reaches the target.
         frequency: Training steps between mask updates.
-        criterion: Importance score: ``"magnitude"`` ``|w|``; ``"taylor"`` ``|w * grad|`` accumulated
+        criterion: Importance score: ``"magnitude"`` ``|w|``; ``"taylor"`` ``|w * grad|`` averaged
             over the steps since the last update; ``"activation"`` ``|w| * E|x|`` with the mean
             absolute input per input feature/channel, gathered by forward hooks during the
             ``calibration_steps`` steps before each update only; ``"lamp"`` layer-adaptive magnitude
