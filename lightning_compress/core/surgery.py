@@ -28,8 +28,6 @@ the weights; :func:`load_checkpoint` rebuilds the compressed model without a Tra
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import inspect
 import os
 from collections.abc import Sequence
@@ -69,17 +67,14 @@ def register_module_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def _resolve_class(class_path: str) -> type[nn.Module]:
+    # No import by name: a checkpoint must not be able to make the loader import (and so run) an
+    # arbitrary module. The program that registered the class has imported its module already.
     cls = _REGISTERED.get(class_path)
-    if cls is None:
-        module_path, _, _name = class_path.rpartition(".")
-        if module_path:  # importing the defining module registers its classes (decorator side effect)
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module_path)
-        cls = _REGISTERED.get(class_path)
     if cls is None:
         raise ValueError(
             f"structure recipe: class {class_path!r} is not registered for module replacement; "
-            "decorate it with lightning_compress.core.surgery.register_module_class "
+            "decorate it with lightning_compress.core.surgery.register_module_class and import its "
+            "module before loading "
             f"(registered: {sorted(_REGISTERED) or 'none'})."
         )
     return cls
