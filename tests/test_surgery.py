@@ -220,3 +220,31 @@ def test_structure_recipe_is_in_the_checkpoint_and_replays(tmp_path: Path) -> No
     fresh = MLP()
     apply_ops(fresh, recipe)
     assert fresh.fc1.weight.shape == model.fc1.weight.shape == (16, 144)
+
+
+def test_change_requested_inside_the_optimizer_step_is_applied_at_batch_end(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    class RequestAt(lc.CompressionCallback):
+        """Asks for a shape change from begin_step, i.e. inside optimizer.step()."""
+
+        def begin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+            if step == 5:
+                opt = trainer.optimizers[0]
+                self.engine.request_structure_change(_shrink_ops(), self.name)
+                seen["during"] = pl_module.fc1.weight.shape  # not yet: the step in progress is safe
+                seen["opt"] = opt
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 6 and "after" not in seen:
+                seen["after"] = pl_module.fc1.weight.shape
+                seen["new_opt"] = trainer.optimizers[0]
+
+    model = MLP()
+    trainer(tmp_path, [RequestAt()], max_epochs=2).fit(model, tiny_data())
+    assert seen["during"] == (32, 144)
+    assert seen["after"] == (7, 144)
+    assert seen["new_opt"] is not seen["opt"]
+    assert model.fc1.weight.shape == (7, 144)
+    with pytest.raises(RuntimeError, match=r"request_structure_change\(\) needs a running fit"):
+        lc.get_engine(trainer(tmp_path, [])).request_structure_change(_shrink_ops(), "x")

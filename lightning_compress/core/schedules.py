@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from lightning_compress.core.validation import check_int
+
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cubic", "exponential", "polynomial")
 
 
@@ -188,11 +190,7 @@ class StepSchedule:
             raise ValueError(
                 f"`{names[1]}`={end!r} is before `{names[0]}`={start!r}; expected {names[1]} >= {names[0]}."
             )
-        if frequency is not None and (
-            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
-        ):
-            raise ValueError(f"`frequency`={frequency!r} is not supported; expected an int >= 1.")
-        self.frequency = frequency
+        self.frequency = None if frequency is None else check_int("frequency", frequency, minimum=1)
         self.start_step: int | None = None
         self.end_step: int | None = None
         self.total: float | None = None
@@ -252,11 +250,6 @@ class StepSchedule:
         if self._fresh:
             self.start_step = self.end_step = None
         self.resolve(total_steps, owner)
-
-    def progress(self, step: int) -> float:
-        """Fraction of the way from start to end at ``step`` (0 before start, 1 from end on)."""
-        end = self.start_step if self.end_step is None else self.end_step
-        return progress(step, self.start_step, end)
 
     def next_update(self, step: int, schedule: str = "linear") -> int | None:
         """First update step ``>= step`` (``start + k * frequency`` up to ``end``, and ``end``)."""

@@ -14,7 +14,7 @@ from lightning_compress.core.engine import Constraint
 from lightning_compress.core.importance import Importance, make_importance
 from lightning_compress.core.masks import MaskSet, clean_optimizer_state
 from lightning_compress.core.params import TargetParam, select_parameters
-from lightning_compress.core.schedules import SCHEDULES, StepSchedule, next_update_step, sparsity_at
+from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
 from lightning_compress.functional.pruning import nm_mask, parse_nm, unstructured_masks
 
@@ -140,8 +140,8 @@ class GradualPruning(CompressionCallback):
                 f"`initial_sparsity`={initial_sparsity!r} is above "
                 f"`target_sparsity`={self.target_sparsity!r}; expected initial_sparsity <= target_sparsity."
             )
-        self.frequency = check_int("frequency", frequency, minimum=1)
-        self.step_schedule = StepSchedule(start, end, self.frequency)
+        self.step_schedule = StepSchedule(start, end, frequency)
+        self.frequency = self.step_schedule.frequency
         self.start, self.end = self.step_schedule.start, self.step_schedule.end
         self.power = check_number("power", power, low=0.0, low_open=True)
         self.calibration_steps = check_int("calibration_steps", calibration_steps, minimum=1)
@@ -220,13 +220,7 @@ class GradualPruning(CompressionCallback):
         if self.last_update_step < 0 and step > sched.start_step:
             self._next_update = step  # attached after its start step: catch up now
         else:
-            self._next_update = next_update_step(
-                max(step, self.last_update_step + 1),
-                sched.start_step,
-                sched.end_step,
-                self.frequency,
-                self.schedule,
-            )
+            self._next_update = sched.next_update(max(step, self.last_update_step + 1), self.schedule)
 
     @override
     def constraints(self) -> list[Constraint]:
@@ -368,9 +362,7 @@ class GradualPruning(CompressionCallback):
             self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
         self.importance.reset()
-        self._next_update = next_update_step(
-            step + 1, sched.start_step, sched.end_step, self.frequency, self.schedule
-        )
+        self._next_update = sched.next_update(step + 1, self.schedule)
 
     def _clean_optimizer_state(self, trainer: pl.Trainer) -> None:
         if len(self.masks):
