@@ -19,7 +19,7 @@ from lightning_compress.core.params import TargetParam, select_parameters
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
 from lightning_compress.core.surgery import StructureChange, load_checkpoint, register_module_class
 from lightning_compress.core.targets import select_modules
-from lightning_compress.pruning import GradualPruning
+from lightning_compress.pruning import DynamicNetworkSurgery, GradualPruning, SparsityRegularizer
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "CompressionReport",
     "CompressionSummary",
     "Constraint",
+    "DynamicNetworkSurgery",
     "FunctionConstraint",
     "GradualPruning",
     "Importance",
@@ -39,6 +40,7 @@ __all__ = [
     "MagnitudeImportance",
     "MaskSet",
     "RandomImportance",
+    "SparsityRegularizer",
     "StepSchedule",
     "StructureChange",
     "TargetParam",

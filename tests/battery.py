@@ -300,8 +300,10 @@ class Entry:
             return self.state(callbacks)
         out: dict[str, Tensor] = {}
         for i, cb in enumerate(callbacks):
-            if isinstance(cb, lc.GradualPruning):
+            if isinstance(getattr(cb, "masks", None), lc.MaskSet):
                 out.update({f"{i}:{n}": cb.masks[n].cpu() for n in cb.masks.names})
+            if isinstance(cb, lc.DynamicNetworkSurgery):
+                out.update({f"{i}:dense:{n}": t.cpu() for n, t in cb.dense.items()})
             elif isinstance(cb, ShrinkHidden):
                 out[f"{i}:kept"] = torch.tensor(cb.kept)
         return out
@@ -319,7 +321,7 @@ def _weight_sparsity(model: nn.Module, names: list[str]) -> float:
 def _pruning_check(target: float) -> Callable[[list[pl.Callback], nn.Module], None]:
     def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
         root = compressed_root(model)
-        cb = next(c for c in callbacks if isinstance(c, lc.GradualPruning))
+        cb = next(c for c in callbacks if isinstance(getattr(c, "masks", None), lc.MaskSet))
         names = cb.masks.names or [
             n for n, p in root.named_parameters() if n.endswith("weight") and p.dim() > 1
         ]
@@ -391,6 +393,39 @@ _PRUNING_BAD = [
 ]
 
 
+_DNS_BAD = [
+    ({"target_sparsity": 0.9, "c": 1.0}, r"`target_sparsity`=0.9 and `c`=1.0 were both given; give one"),
+    ({"gamma": -1e-4}, r"`gamma`=-0.0001 is not supported; expected a number >= 0"),
+    ({"power": -1}, r"`power`=-1 is not supported; expected a number >= 0"),
+    (
+        {"c": "high", "target_sparsity": None},
+        r"`c`='high' is not supported; expected a finite number or a \{pattern: number\}",
+    ),
+    ({"c": {}, "target_sparsity": None}, r"`c`=\{\} is empty; expected a number or a non-empty"),
+    ({"c": {"fc*": "x"}, "target_sparsity": None}, r"`c\['fc\*'\]`='x' is not supported; expected a number"),
+    ({"target_sparsity": 1.0}, r"`target_sparsity`=1.0 is not supported; expected a number in \[0, 1\)"),
+    ({"stop": 1.5}, r"`stop`=1.5 is a float outside \[0, 1\]"),
+    ({"start": 0.8, "stop": 0.5}, r"`stop`=0.5 is before `start`=0.8"),
+    ({"end": 0.8, "stop": 0.5}, r"`end`=0.8 is after `stop`=0.5; expected end <= stop"),
+    (
+        {"calibration": "layer"},
+        r"`calibration`='layer' is not supported; expected one of \['global', 'shared_c'",
+    ),
+    ({"schedule": "cosine"}, r"`schedule`='cosine' is not supported; expected one of \['constant'"),
+    ({"seed": -1}, r"`seed`=-1 is not supported; expected an int >= 0"),
+    (
+        {"target_sparsity": 0.995, "min_density": 0.01},
+        r"`min_density`=0.01 is above the density that `target_sparsity`=0.995 leaves",
+    ),
+]
+
+_REGULARIZER_BAD = [
+    ({"l1": 0.0, "group_lasso": 0.0}, r"`l1`=0.0 and `group_lasso`=0.0"),
+    ({"l1": -1.0}, r"`l1`=-1.0 is not supported; expected a number"),
+    ({"groups": "rows"}, r"`groups`='rows' is not supported; expected one of \['output', 'input', 'both'\]"),
+]
+
+
 def _gradual(**defaults: Any) -> Callable[..., list[pl.Callback]]:
     def make(**overrides: Any) -> list[pl.Callback]:
         return [lc.GradualPruning(**{**defaults, **overrides})]
@@ -407,6 +442,19 @@ def _stack(*factories: Callable[[], pl.Callback]) -> Callable[..., list[pl.Callb
 
 
 _SCHED = {"start": 2, "end": 26, "frequency": 3}
+#: Surgery from step 2, ramp to the target by 12, masks fixed from 26 (updates with probability ~0.9).
+_DNS_SCHED = {"start": 2, "end": 12, "stop": 26, "gamma": 0.01}
+
+
+def _dns_check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+    root = compressed_root(model)
+    cb = next(c for c in callbacks if isinstance(c, lc.DynamicNetworkSurgery))
+    assert cb.frozen
+    assert cb.updates > 1
+    assert 0.05 < _weight_sparsity(root, cb.masks.names) < 0.95, _weight_sparsity(root, cb.masks.names)
+    for name in cb.masks.names:  # weights are zero exactly where the mask says so
+        assert not bool(root.get_parameter(name)[~cb.masks[name].cpu()].any())
+
 
 REGISTRY: list[Entry] = [
     Entry(
@@ -452,6 +500,50 @@ REGISTRY: list[Entry] = [
     Entry(
         "stacked-gridsnap+gradual",
         _stack(GridSnap, lambda: lc.GradualPruning(target_sparsity=0.75, **_SCHED)),
+        _both(_pruning_check(0.75), _on_grid),
+    ),
+    Entry(
+        "dns-calibrated-mlp",
+        lambda **kw: [lc.DynamicNetworkSurgery(**{"target_sparsity": 0.75, **_DNS_SCHED, **kw})],
+        _pruning_check(0.75),
+        model="mlp",
+        bad_args=_DNS_BAD,
+    ),
+    Entry(
+        "dns-c-per-layer-bn-cnn",  # the paper's hand-set c (the rest is spliced/pruned by the band)
+        lambda **kw: [lc.DynamicNetworkSurgery(c={"conv*": 0.5, "*": 1.0}, **{**_DNS_SCHED, **kw})],
+        _dns_check,
+        model="bn-cnn",
+    ),
+    Entry(
+        "dns-wrapper-student",
+        lambda **kw: [lc.DynamicNetworkSurgery(**{"target_sparsity": 0.6, **_DNS_SCHED, **kw})],
+        _pruning_check(0.6),
+        model="wrapper",
+    ),
+    Entry(
+        "stacked-regularizer+gradual",
+        _stack(
+            lambda **kw: lc.SparsityRegularizer(**{"l1": 1e-3, "group_lasso": 1e-3, **kw}),
+            lambda: lc.GradualPruning(target_sparsity=0.75, **_SCHED),
+        ),
+        _pruning_check(0.75),
+        bad_args=_REGULARIZER_BAD,
+    ),
+    Entry(
+        "stacked-gradual+regularizer-resnet",
+        _stack(
+            lambda **kw: lc.GradualPruning(**{"target_sparsity": 0.75, **_SCHED, **kw}),
+            lambda: lc.SparsityRegularizer(l1=1e-3, schedule="linear", start=2, end=20),
+        ),
+        _pruning_check(0.75),
+        model="resnet",
+    ),
+    Entry(
+        "stacked-dns+gridsnap",
+        _stack(
+            lambda **kw: lc.DynamicNetworkSurgery(**{"target_sparsity": 0.75, **_DNS_SCHED, **kw}), GridSnap
+        ),
         _both(_pruning_check(0.75), _on_grid),
     ),
     Entry(

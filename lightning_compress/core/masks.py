@@ -84,7 +84,9 @@ class MaskSet:
         """Replace the mask of parameter ``name`` (shape-checked) and zero the pruned weights."""
         self.update({name: mask})
 
-    def update(self, masks: Mapping[str, Tensor], zero_now: Iterable[Tensor] | None = None) -> None:
+    def update(
+        self, masks: Mapping[str, Tensor], zero_now: Iterable[Tensor] | None = None, apply: bool = True
+    ) -> None:
         """Replace several masks at once and zero the newly pruned weights.
 
         All masks are checked before any is stored, so a bad one leaves every mask unchanged.
@@ -96,6 +98,8 @@ class MaskSet:
                 step (their backward is done then) or by :meth:`flush`. Zeroing a parameter of another
                 network in place in the middle of a step would invalidate an autograd graph that still
                 needs it (a GAN's generator graph reused after the discriminator's step).
+            apply: ``False`` only stores the masks and touches no weight (for a technique that sets
+                the weights itself, such as dynamic network surgery from its dense copy).
         """
         self.verify()
         for name in masks:
@@ -107,6 +111,8 @@ class MaskSet:
         with torch.no_grad():
             for name, m in checked.items():
                 self._fmasks[name].copy_(m)
+                if not apply:
+                    continue
                 if now is None or id(self._params[name]) in now:
                     self._params[name].mul_(self._fmasks[name])
                 else:
@@ -224,6 +230,10 @@ class MaskSet:
     def parameter(self, name: str) -> nn.Parameter:
         """The bound parameter ``name``."""
         return self._params[name]
+
+    def float_mask(self, name: str) -> Tensor:
+        """The mask of ``name`` in its parameter's dtype, updated in place (safe to hold in a closure)."""
+        return self._fmasks[name]
 
     def parameters(self) -> list[nn.Parameter]:
         """The bound parameters in binding order."""

@@ -1,5 +1,7 @@
 """Pruning techniques."""
 
 from lightning_compress.pruning.gradual import GradualPruning
+from lightning_compress.pruning.regularizer import SparsityRegularizer
+from lightning_compress.pruning.surgery import DynamicNetworkSurgery
 
-__all__ = ["GradualPruning"]
+__all__ = ["DynamicNetworkSurgery", "GradualPruning", "SparsityRegularizer"]
