@@ -19,6 +19,7 @@ from lightning_compress.core.params import TargetParam, select_parameters
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
 from lightning_compress.core.surgery import StructureChange, load_checkpoint, register_module_class
 from lightning_compress.core.targets import select_modules
+from lightning_compress.export import SparseLinear, to_sparse
 from lightning_compress.pruning import DynamicNetworkSurgery, GradualPruning, SparsityRegularizer
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
@@ -40,6 +41,7 @@ __all__ = [
     "MagnitudeImportance",
     "MaskSet",
     "RandomImportance",
+    "SparseLinear",
     "SparsityRegularizer",
     "StepSchedule",
     "StructureChange",
@@ -54,4 +56,5 @@ __all__ = [
     "select_modules",
     "select_parameters",
     "sparsity_at",
+    "to_sparse",
 ]
