@@ -169,3 +169,31 @@ def test_help_lists_the_choices(capsys):
 def test_out_of_range_value_is_a_usage_error_naming_it(tmp_path, capsys):
     err = _fit_edited_recipe(tmp_path, capsys, "target_sparsity: 0.92", "target_sparsity: 1.5")
     assert "`target_sparsity`=1.5 is not supported; expected a number in [0, 1)" in err
+
+
+def _callback_args(config: Path) -> list[tuple[str, dict]]:
+    cfg = yaml.safe_load(config.read_text())
+    return [(cb["class_path"], cb.get("init_args", {})) for cb in cfg["trainer"]["callbacks"]]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
+    """Each YAML recipe resolves its short class names and compresses during a short fit."""
+    cli = CompressionCLI(
+        args=[
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger=false",
+            *QUICK,
+        ],
+        run=False,
+    )
+    wanted = [path for path, _ in _callback_args(config)]
+    got = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    for name in wanted:
+        assert name in got, (name, got)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    weights = [m.weight for m in cli.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert _zero_fraction(weights) > 0.3  # every recipe prunes
