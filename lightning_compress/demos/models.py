@@ -7,7 +7,9 @@ compared with the papers:
   standard MNIST baseline of Han et al. (2015, 2016) "Learning both Weights and Connections" and
   "Deep Compression".
 * :class:`LeNet5` -- the LeNet-5 convolutional network of LeCun et al. (1998), in the modern
-  variant with ReLU activations and max pooling used by the same papers.
+  variant with ReLU activations and max pooling (6-16-120-84, 61.7k parameters).
+* :class:`LeNet5Caffe` -- the wider Caffe "LeNet" (20-50-500, 431k parameters) that Han et al.
+  (2015) and Guo et al. (2016, dynamic network surgery) call LeNet-5 and report 12x / 108x on.
 
 References:
     Y. LeCun, L. Bottou, Y. Bengio and P. Haffner, "Gradient-based learning applied to document
@@ -29,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress.core.validation import check_choice, check_int, check_number
 
-__all__ = ["LeNet5", "LeNet300100"]
+__all__ = ["LeNet5", "LeNet5Caffe", "LeNet300100"]
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -241,3 +243,53 @@ class LeNet5(_DemoClassifier):
         x = self.relu3(self.fc1(x))
         x = self.relu4(self.fc2(x))
         return self.fc3(x)
+
+
+class LeNet5Caffe(_DemoClassifier):
+    """The Caffe MNIST "LeNet" (20-50-500) that the pruning papers report as LeNet-5.
+
+    Han et al. (2015) prune it 12x and Guo, Yao & Chen (2016, dynamic network surgery) 108x; it
+    has 430,500 weights (the LeCun-style :class:`LeNet5` has 61,470)::
+
+        conv1 (in->20, 5x5) -> maxpool 2 -> conv2 (20->50, 5x5) -> maxpool 2    # 28 -> 24 -> 12 -> 8 -> 4
+        fc1 (800->500) -> ReLU -> fc2 (500->num_classes)
+
+    As in Caffe's ``lenet_train_test.prototxt`` the convolutions have no ReLU (pooling follows them
+    directly). Inputs must be 28x28.
+
+    Args:
+        in_channels: Number of input channels.
+        num_classes: Number of output classes.
+        lr: Learning rate.
+        weight_decay: L2 penalty passed to the optimizer.
+        optimizer: One of ``"adam"``, ``"adamw"`` or ``"sgd"`` (SGD uses momentum 0.9).
+
+    Example:
+        >>> LeNet5Caffe()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+    ) -> None:
+        check_int("in_channels", in_channels, minimum=1)
+        super().__init__(num_classes=num_classes, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
+        self.save_hyperparameters()
+        self.conv1 = nn.Conv2d(in_channels, 20, kernel_size=5)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(800, 500)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(500, num_classes)
+        self.example_input_array = torch.zeros(1, in_channels, 28, 28)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape ``(N, num_classes)`` for inputs ``(N, C, 28, 28)``."""
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x))))
+        return self.fc2(self.relu(self.fc1(torch.flatten(x, 1))))
