@@ -5,6 +5,7 @@ Every public class is re-exported here, so LightningCLI resolves short names suc
 """
 
 from lightning_compress.core.callback import CompressionCallback, compression_root
+from lightning_compress.core.cost import HOROWITZ_45NM, EnergyTable, LayerEnergy, energy_profile
 from lightning_compress.core.engine import CompressionEngine, Constraint, FunctionConstraint, get_engine
 from lightning_compress.core.importance import (
     ActivationImportance,
@@ -26,6 +27,7 @@ from lightning_compress.report import CompressionReport, CompressionSummary, com
 __version__ = "0.1.0"
 
 __all__ = [
+    "HOROWITZ_45NM",
     "SCHEDULES",
     "ActivationImportance",
     "CompressionCallback",
@@ -34,10 +36,12 @@ __all__ = [
     "CompressionSummary",
     "Constraint",
     "DynamicNetworkSurgery",
+    "EnergyTable",
     "FunctionConstraint",
     "GradualPruning",
     "Importance",
     "LAMPImportance",
+    "LayerEnergy",
     "MagnitudeImportance",
     "MaskSet",
     "RandomImportance",
@@ -50,6 +54,7 @@ __all__ = [
     "__version__",
     "compression_root",
     "compression_summary",
+    "energy_profile",
     "get_engine",
     "load_checkpoint",
     "register_module_class",

@@ -78,6 +78,12 @@ def test_to_dict_is_json_serialisable():
         # New fields (deliberate addition): forward calls seen and why MACs may be 0 / None.
         "calls": 1,
         "macs_note": None,
+        # Energy (Yang et al. 2017, Horowitz 45 nm): 128 MACs x (4.6 + 2 x 5) + 128 x 640 + (8 + 16) x 640
+        "energy_pj": pytest.approx(128 * 14.6 + 128 * 640 + 24 * 640),
+        "compressed_energy_pj": pytest.approx(64 * 14.6 + 64 * 640 + 24 * 640),
+        # Best encoding: bitmask 128 + 64 x 32 bits of weight, then 16 x 32 bits of dense bias
+        "encoding": "bitmask",
+        "encoded_bytes": (128 + 64 * 32 + 16 * 32) // 8,
     }
     assert data["unattributed"] == {}
     assert data["batch_size"] == 1

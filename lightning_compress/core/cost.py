@@ -62,13 +62,25 @@ Formulas (one sample, i.e. the batch dimension is excluded):
   value is kept in fp32, plus the cheaper of two index encodings: a bitmap with one bit per
   parameter, or an int32 coordinate (COO) index per non-zero. It never exceeds the dense size
   because a layer that is too dense to profit is simply stored dense.
+
+Energy (:func:`energy_profile`, :class:`LayerEnergy`, :class:`EnergyTable`). Per-sample energy of
+each Linear / Conv layer after Yang, Chen & Sze (CVPR 2017, "Designing Energy-Efficient
+Convolutional Neural Networks using Energy-Aware Pruning") with the 45 nm per-operation energies
+of Horowitz (ISSCC 2014). With weight density ``d`` and ``s = bits / 32``::
+
+    E = d * macs * (mult + add) + d * macs * 2 * sram_read * s
+        + d * weights * dram_read * s + (input_elems + output_elems) * dram_read * s
+
+(every MAC reads its weight and input operand from the on-chip buffer, partial sums stay in
+registers; each non-zero weight is fetched from DRAM once per sample; activations are read and
+written once per layer). See :class:`LayerEnergy` for the assumptions.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,16 +90,25 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_compress.functional.encoding import best_encoding
+
 __all__ = [
     "BYTES_PER_VALUE",
+    "ENERGY_LAYERS",
+    "HOROWITZ_45NM",
     "SUPPORTED_LAYERS",
+    "EnergyTable",
     "LayerCost",
+    "LayerEnergy",
     "ModelCost",
     "count_nonzero_params",
     "dense_macs",
+    "energy_profile",
     "is_cost_row",
     "layer_costs",
     "model_costs",
+    "resolve_energy_table",
+    "row_encoding",
     "sparse_storage_bytes",
 ]
 
@@ -99,6 +120,8 @@ _COO_INDEX_BYTES = 4
 _CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Module types the shape formula understands (``ConvTranspose*`` are not subclasses of these).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV_LAYERS, nn.Embedding)
+#: Layers the energy model (:func:`energy_profile`) covers: they own a ``weight`` and do MACs with it.
+ENERGY_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV_LAYERS)
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,17 @@ class LayerCost:
             ``"used in ... without MACs"``, ``"not run"``, ``"weights also used in ..."`` (tied
             weights), ``"needs example_input"``, ``"missing MACs of <ops> (no flop formula in
             torch)"`` (joined to another note with ``"; "``); ``None`` otherwise.
+        energy_pj: Energy estimate of one sample through the row with dense weights (density 1),
+            in picojoules (:class:`LayerEnergy`); ``None`` for rows that are not Linear / Conv,
+            that the forward never called, or when no forward was run. Filled in by
+            :func:`~lightning_compress.report.compression_summary`, ``None`` from
+            :func:`model_costs`.
+        compressed_energy_pj: The same for the row as it is (its current non-zero weights).
+        encoding: The smallest encoding of the row's weights (:func:`row_encoding`): ``"dense"``,
+            ``"bitmask"``, ``"csr"``, ``"relative"``, or ``"mixed"`` when the row's weight
+            tensors differ; filled in by the summary, ``None`` from :func:`model_costs`.
+        encoded_bytes: ``ceil(bits / 8)`` of all the row's parameters: the weights in
+            ``encoding``, the biases dense fp32 (:func:`row_encoding`).
     """
 
     name: str
@@ -140,6 +174,10 @@ class LayerCost:
     sparse_bytes: int
     calls: int | None = None
     macs_note: str | None = None
+    energy_pj: float | None = None
+    compressed_energy_pj: float | None = None
+    encoding: str | None = None
+    encoded_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain, JSON-serialisable dictionary."""
@@ -408,6 +446,40 @@ def _row_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tens
     return weights, others
 
 
+#: Bits per relative-index difference in :func:`row_encoding`: 4 for convolutions, 5 otherwise.
+CONV_INDEX_BITS = 4
+LINEAR_INDEX_BITS = 5
+
+
+def row_encoding(module: nn.Module, value_bits: int = 32) -> tuple[str, int]:
+    """The smallest encoding of a row's weights and the bytes of all its parameters.
+
+    Each weight tensor of the row (see :func:`is_cost_row`; for a supported layer its ``weight``)
+    is stored in its smallest format by
+    :func:`~lightning_compress.functional.encoding.best_encoding` (dense, bitmask, CSR or
+    Deep Compression relative indexing) with 4-bit index differences for Conv1d/2d/3d and 5-bit
+    ones for every other row; biases (parameter names containing ``"bias"``) are stored dense.
+    ``bytes = ceil((sum of weight bits + bias entries * value_bits) / 8)``.
+
+    Args:
+        module: A row.
+        value_bits: Bits per stored value (32 for fp32).
+
+    Returns:
+        ``(encoding, bytes)``: the common format of the weight tensors (``"dense"`` for a row
+        without weights, ``"mixed"`` when its weight tensors use different formats) and the size.
+    """
+    weights, others = _row_tensors(module)
+    index_bits = CONV_INDEX_BITS if isinstance(module, _CONV_LAYERS) else LINEAR_INDEX_BITS
+    names, bits = set(), sum(t.numel() for t in others) * value_bits
+    for weight in weights:
+        name, size = best_encoding(weight, index_bits, value_bits)
+        names.add(name)
+        bits += size
+    encoding = "dense" if not names else names.pop() if len(names) == 1 else "mixed"
+    return encoding, -(-bits // 8)
+
+
 def _check_initialized(module: nn.Module) -> None:
     tensors = [module.weight] if isinstance(module, SUPPORTED_LAYERS) else module.parameters(recurse=False)
     if any(isinstance(t, nn.parameter.UninitializedParameter) for t in tensors):
@@ -554,13 +626,31 @@ class _Measurement:
     calls: dict[str, int]
     uses: dict[str, dict[_Target, bool]]
     uncounted: dict[_Target, set[str]]
+    #: row name -> [input elements, output elements] summed over calls (whole batch); only rows
+    #: asked for in ``_measure(activations_of=...)``.
+    activations: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _measure(model: nn.Module, example_input: Any, rows: list[tuple[str, nn.Module]]) -> _Measurement:
-    """One eval-mode, no-grad forward under ``FlopCounterMode``, attributing flops to rows."""
+def _numel_first(obj: Any) -> int:
+    tensor = _first_tensor(obj)
+    return 0 if tensor is None else tensor.numel()
+
+
+def _measure(
+    model: nn.Module,
+    example_input: Any,
+    rows: list[tuple[str, nn.Module]],
+    activations_of: frozenset[str] = frozenset(),
+) -> _Measurement:
+    """One eval-mode, no-grad forward under ``FlopCounterMode``, attributing flops to rows.
+
+    For the rows named in ``activations_of`` the same forward also records the element counts of
+    the first input tensor and of the output tensor of every call (for the energy model).
+    """
     row_ids = {id(module) for _, module in rows}
     stack: list[_Target] = []
     calls: dict[str, int] = defaultdict(int)
+    activations: dict[str, list[int]] = {}
 
     def target() -> _Target:
         for entry in reversed(stack):
@@ -576,6 +666,10 @@ def _measure(model: nn.Module, example_input: Any, rows: list[tuple[str, nn.Modu
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
             stack.pop()
+            if name in activations_of and is_row:
+                sizes = activations.setdefault(name, [0, 0])
+                sizes[0] += _numel_first(args)
+                sizes[1] += _numel_first(output)
 
         return pre_hook, post_hook
 
@@ -623,6 +717,7 @@ def _measure(model: nn.Module, example_input: Any, rows: list[tuple[str, nn.Modu
         calls=dict(calls),
         uses=dict(attribution.uses),
         uncounted=dict(attribution.uncounted),
+        activations=activations,
     )
 
 
@@ -695,6 +790,13 @@ def model_costs(model: nn.Module, example_input: Any = None, *, batch_size: int 
         ValueError: If ``batch_size`` is not a positive int, the inferred batch is empty, or a row
             has uninitialized (lazy) parameters.
     """
+    return _model_costs(model, example_input, batch_size)[0]
+
+
+def _model_costs(
+    model: nn.Module, example_input: Any, batch_size: int | None, with_activations: bool = False
+) -> tuple[ModelCost, _Measurement | None]:
+    """:func:`model_costs` plus the raw measurement (activation sizes of the energy layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     _check_batch_size(batch_size)
@@ -705,7 +807,8 @@ def model_costs(model: nn.Module, example_input: Any = None, *, batch_size: int 
     measurement = None
     if example_input is not None:
         batch_size = batch_size if batch_size is not None else _infer_batch_size(example_input)
-        measurement = _measure(model, example_input, rows)
+        tracked = frozenset(name for name, module in rows if isinstance(module, ENERGY_LAYERS))
+        measurement = _measure(model, example_input, rows, tracked if with_activations else frozenset())
     else:
         batch_size = None
 
@@ -767,7 +870,8 @@ def model_costs(model: nn.Module, example_input: Any = None, *, batch_size: int 
             if not is_row
         }
         uncounted = {where: sorted(ops) for (_, where), ops in measurement.uncounted.items()}
-    return ModelCost(layers=costs, unattributed=unattributed, batch_size=batch_size, uncounted=uncounted)
+    cost = ModelCost(layers=costs, unattributed=unattributed, batch_size=batch_size, uncounted=uncounted)
+    return cost, measurement
 
 
 def layer_costs(
@@ -792,3 +896,318 @@ def layer_costs(
         ValueError: As :func:`model_costs`.
     """
     return model_costs(model, example_input, batch_size=batch_size).layers
+
+
+# --------------------------------------------------------------------------- energy model
+
+
+_ENERGY_KEYS: tuple[str, ...] = ("fp32_mult", "fp32_add", "int8_mult", "int8_add", "sram_read", "dram_read")
+
+
+def _check_energy_entry(label: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{label} must be a finite number >= 0 (picojoules), got {value!r}.")
+
+
+def _check_bits(bits: Any) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+        raise ValueError(f"`bits` must be an int in [2, 32], got {bits!r}.")
+
+
+@dataclass(frozen=True)
+class EnergyTable:
+    """Energy per operation in picojoules (pJ).
+
+    The defaults are the 45 nm, 0.9 V figures of Horowitz (ISSCC 2014, "Computing's energy
+    problem (and what we can do about it)"), the table Yang, Chen & Sze (CVPR 2017) build their
+    energy model on. A table is validated on construction: every entry must be a finite number
+    ``>= 0``.
+
+    Attributes:
+        fp32_mult: One 32-bit floating-point multiply.
+        fp32_add: One 32-bit floating-point add.
+        int8_mult: One 8-bit integer multiply.
+        int8_add: One 8-bit integer add.
+        sram_read: One 32-bit access to an on-chip SRAM buffer (Horowitz: 5 pJ for an 8 kB SRAM).
+        dram_read: One 32-bit off-chip DRAM access.
+
+    Raises:
+        ValueError: If an entry is negative, not finite or not a number.
+    """
+
+    fp32_mult: float = 3.7
+    fp32_add: float = 0.9
+    int8_mult: float = 0.2
+    int8_add: float = 0.03
+    sram_read: float = 5.0  # one 32-bit on-chip SRAM access
+    dram_read: float = 640.0  # one 32-bit DRAM access
+
+    def __post_init__(self) -> None:
+        for key in _ENERGY_KEYS:
+            _check_energy_entry(f"`EnergyTable.{key}`", getattr(self, key))
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, float]) -> EnergyTable:
+        """Build a table from a user mapping (e.g. a YAML dict) that gives EVERY entry.
+
+        Args:
+            table: ``{"fp32_mult": ..., "fp32_add": ..., "int8_mult": ..., "int8_add": ...,
+                "sram_read": ..., "dram_read": ...}`` in picojoules.
+
+        Returns:
+            The :class:`EnergyTable`.
+
+        Raises:
+            ValueError: If ``table`` is not a mapping, an entry is missing, a key is unknown, or a
+                value is negative, not finite or not a number; the message names the entry.
+        """
+        expected = ", ".join(repr(key) for key in _ENERGY_KEYS)
+        if not isinstance(table, Mapping):
+            raise ValueError(
+                f"`energy_table` must be None, an EnergyTable or a mapping with the entries [{expected}], "
+                f"got {table!r}."
+            )
+        unknown = [key for key in table if key not in _ENERGY_KEYS]
+        if unknown:
+            raise ValueError(
+                f"`energy_table` has unknown entry {unknown[0]!r}; expected exactly the entries [{expected}]."
+            )
+        missing = [key for key in _ENERGY_KEYS if key not in table]
+        if missing:
+            raise ValueError(f"`energy_table` is missing {missing[0]!r}; expected all of [{expected}].")
+        for key in _ENERGY_KEYS:
+            _check_energy_entry(f"`energy_table[{key!r}]`", table[key])
+        return cls(**{key: float(table[key]) for key in _ENERGY_KEYS})
+
+    def mac_pj(self, bits: int = 32) -> float:
+        """Energy of one multiply plus one add: int8 arithmetic for ``bits <= 8``, fp32 above."""
+        _check_bits(bits)
+        return self.int8_mult + self.int8_add if bits <= 8 else self.fp32_mult + self.fp32_add
+
+
+#: Horowitz (ISSCC 2014), 45 nm: the default table.
+HOROWITZ_45NM: EnergyTable = EnergyTable()
+
+
+def resolve_energy_table(table: EnergyTable | Mapping[str, float] | None) -> EnergyTable:
+    """The :class:`EnergyTable` to use: ``None`` -> :data:`HOROWITZ_45NM`, a mapping -> checked.
+
+    Args:
+        table: ``None``, an :class:`EnergyTable`, or a mapping giving every entry (see
+            :meth:`EnergyTable.from_mapping`).
+
+    Returns:
+        The table.
+
+    Raises:
+        ValueError: If ``table`` is of another type, or a mapping with a missing, unknown or invalid
+            entry (the message names it).
+    """
+    if table is None:
+        return HOROWITZ_45NM
+    if isinstance(table, EnergyTable):
+        return table
+    return EnergyTable.from_mapping(table)
+
+
+@dataclass(frozen=True)
+class LayerEnergy:
+    """What the energy model needs to know about one Linear / Conv layer, for ONE sample.
+
+    The model (Yang, Chen & Sze, CVPR 2017, "Designing Energy-Efficient Convolutional Neural
+    Networks using Energy-Aware Pruning", with Horowitz's ISSCC 2014 45 nm table) splits a layer's
+    energy into computation and data movement. With the weight density ``d`` (non-zero fraction),
+    ``s = bits / 32`` (memory accesses are 32-bit words; narrower values move proportionally less)
+    and ``mac = mult + add`` (int8 arithmetic for ``bits <= 8``, fp32 above)::
+
+        E = d * macs * mac                      # effective MACs: pruned weights do no MAC
+          + d * macs * 2 * sram_read * s        # weight and input operand of every MAC from SRAM
+          + d * weights * dram_read * s         # each non-zero weight fetched from DRAM once
+          + (input_elems + output_elems) * dram_read * s   # activations read / written once
+
+        = fixed_pj + d * weights * per_weight_pj
+
+    Data-reuse assumptions: partial sums stay in registers (no SRAM traffic for them); batch 1,
+    so every non-zero weight is read from DRAM once per sample (no reuse across samples); full
+    reuse inside a layer, so each input activation is read from DRAM once and each output
+    activation written once; the on-chip buffer then serves both operands of every MAC. Biases,
+    activation functions, normalization and index decoding are not modelled; zero activations are
+    not skipped (weights only).
+
+    Attributes:
+        name: Module name as in ``model.named_modules()``.
+        kind: Class name of the module.
+        macs: Dense MACs of one sample.
+        weights: Entries of the layer's weight tensor (not the bias).
+        nonzero_weights: Non-zero entries among them.
+        input_elems: Input activation elements of one sample (summed over calls).
+        output_elems: Output activation elements of one sample (summed over calls).
+    """
+
+    name: str
+    kind: str
+    macs: int
+    weights: int
+    nonzero_weights: int
+    input_elems: int
+    output_elems: int
+
+    @property
+    def density(self) -> float:
+        """``nonzero_weights / weights`` (1.0 for a layer without weights)."""
+        return self.nonzero_weights / self.weights if self.weights else 1.0
+
+    def fixed_pj(self, table: EnergyTable = HOROWITZ_45NM, bits: int = 32) -> float:
+        """Energy that does not depend on the weights kept: ``(in + out) * dram_read * bits / 32``.
+
+        Args:
+            table: Energy per operation.
+            bits: Bits per stored value, 2..32.
+
+        Returns:
+            Picojoules per sample.
+
+        Raises:
+            ValueError: If ``bits`` is not an int in [2, 32].
+        """
+        _check_bits(bits)
+        return (self.input_elems + self.output_elems) * table.dram_read * bits / 32
+
+    def per_weight_pj(self, table: EnergyTable = HOROWITZ_45NM, bits: int = 32) -> float:
+        """Energy one non-zero weight costs per sample.
+
+        Its DRAM read plus its ``macs / weights`` MACs, each with two SRAM operand reads:
+        ``dram_read * s + (macs / weights) * (mult + add + 2 * sram_read * s)``, ``s = bits / 32``.
+
+        Args:
+            table: Energy per operation.
+            bits: Bits per stored value, 2..32 (int8 arithmetic for ``bits <= 8``, fp32 above).
+
+        Returns:
+            Picojoules per sample and non-zero weight.
+
+        Raises:
+            ValueError: If ``bits`` is not an int in [2, 32].
+        """
+        mac = table.mac_pj(bits)  # validates bits
+        scale = bits / 32
+        macs_per_weight = self.macs / self.weights if self.weights else 0.0
+        return table.dram_read * scale + macs_per_weight * (mac + 2 * table.sram_read * scale)
+
+    def energy_pj(
+        self, density: float | None = None, table: EnergyTable = HOROWITZ_45NM, bits: int = 32
+    ) -> float:
+        """Energy of one sample: ``fixed_pj + density * weights * per_weight_pj``.
+
+        Args:
+            density: Fraction of weights kept, in [0, 1]; ``None`` uses the current model's
+                ``nonzero_weights / weights``; ``1.0`` gives the dense energy.
+            table: Energy per operation.
+            bits: Bits per stored value, 2..32.
+
+        Returns:
+            Picojoules per sample.
+
+        Raises:
+            ValueError: If ``density`` is not ``None`` or a number in [0, 1], or ``bits`` is not an
+                int in [2, 32].
+        """
+        if density is None:
+            density = self.density
+        elif (
+            isinstance(density, bool)
+            or not isinstance(density, (int, float))
+            or not 0.0 <= density <= 1.0  # also rejects NaN
+        ):
+            raise ValueError(f"`density` must be None or a number in [0, 1], got {density!r}.")
+        return self.fixed_pj(table, bits) + density * self.weights * self.per_weight_pj(table, bits)
+
+
+def _per_sample_elems(count: int, batch_size: int) -> int:
+    return (2 * count + batch_size) // (2 * batch_size)  # rounded half up, exact integers
+
+
+def _energy_layers(model: nn.Module, cost: ModelCost, measurement: _Measurement) -> list[LayerEnergy]:
+    modules = dict(model.named_modules())
+    batch = cost.batch_size or 1
+    layers = []
+    for row in cost.layers:
+        module = modules[row.name]
+        if not isinstance(module, ENERGY_LAYERS) or not measurement.calls.get(row.name):
+            continue
+        in_elems, out_elems = measurement.activations.get(row.name, (0, 0))
+        layers.append(
+            LayerEnergy(
+                name=row.name,
+                kind=row.kind,
+                macs=int(row.dense_macs or 0),
+                weights=module.weight.numel(),
+                nonzero_weights=_count_nonzero(module.weight),
+                input_elems=_per_sample_elems(in_elems, batch),
+                output_elems=_per_sample_elems(out_elems, batch),
+            )
+        )
+    return layers
+
+
+def _costs_and_energy(
+    model: nn.Module, example_input: Any, batch_size: int | None = None
+) -> tuple[ModelCost, list[LayerEnergy]]:
+    """:func:`model_costs` and :func:`energy_profile` from ONE forward (no forward without input)."""
+    cost, measurement = _model_costs(model, example_input, batch_size, with_activations=True)
+    if measurement is None:
+        return cost, []
+    return cost, _energy_layers(model, cost, measurement)
+
+
+def energy_profile(
+    model: nn.Module,
+    example_input: Any,
+    table: EnergyTable | Mapping[str, float] | None = None,
+    *,
+    batch_size: int | None = None,
+) -> list[LayerEnergy]:
+    """Per-layer inputs of the energy model (see :class:`LayerEnergy`) from one forward pass.
+
+    One entry per :class:`torch.nn.Linear` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (subclasses
+    included) whose forward ran, in ``model.named_modules()`` order. MACs come from the
+    :func:`model_costs` measurement (:class:`torch.utils.flop_counter.FlopCounterMode`, MACs of
+    one sample); on the same forward, hooks record the element counts of each layer's first input
+    and of its output, divided by the batch size (rounded half up) and summed over calls. The
+    forward runs in eval mode under :func:`torch.no_grad`; every module's training flag is
+    restored afterwards. Layers the forward never called are left out, including weights applied
+    by a parent's forward such as ``nn.MultiheadAttention.out_proj`` (their MACs are the
+    parent's).
+
+    Energies are computed by the entries' methods, e.g. the model's per-sample energy as it is:
+    ``sum(layer.energy_pj(table=table) for layer in energy_profile(model, x))``; at density 1
+    (``energy_pj(1.0)``) it is the dense model's.
+
+    Args:
+        model: The model to analyse.
+        example_input: A tensor, tuple/list of positional tensors or dict of keyword tensors.
+        table: Validated before anything is measured so a bad table fails early; ``None`` is
+            :data:`HOROWITZ_45NM`. The entries do not depend on it: pass the table to their
+            methods.
+        batch_size: Samples in ``example_input``; ``None`` infers it (see :func:`model_costs`).
+
+    Returns:
+        The :class:`LayerEnergy` entries.
+
+    Raises:
+        ValueError: If ``table`` is invalid (see :func:`resolve_energy_table`), ``example_input``
+            is ``None``, or as :func:`model_costs`.
+        TypeError: If ``model`` is not an :class:`torch.nn.Module`.
+    """
+    resolve_energy_table(table)
+    if example_input is None:
+        raise ValueError(
+            "`example_input` must be a tensor, a tuple/list or a dict of tensors to run one forward pass, "
+            "got None."
+        )
+    return _costs_and_energy(model, example_input, batch_size)[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,9 +15,23 @@ from rich.measure import Measurement
 from rich.table import Table
 from torch import nn
 
-from lightning_compress.core.cost import LayerCost, model_costs
+from lightning_compress.core.cost import (
+    HOROWITZ_45NM,
+    EnergyTable,
+    LayerCost,
+    _costs_and_energy,
+    resolve_energy_table,
+    row_encoding,
+)
 
-__all__ = ["CompressionSummary", "compression_summary", "format_bytes", "format_count", "shorten_name"]
+__all__ = [
+    "CompressionSummary",
+    "compression_summary",
+    "format_bytes",
+    "format_count",
+    "format_energy",
+    "shorten_name",
+]
 
 #: Width ``str(summary)`` renders at: a common terminal.
 STR_WIDTH = 100
@@ -38,10 +52,22 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("effective_macs", "Eff. MACs", "right"),
     ("dense_bytes", "Dense", "right"),
     ("sparse_bytes", "Sparse", "right"),
+    ("encoding", "Enc.", "left"),
     ("ratio", "Ratio", "right"),
+    ("energy", "Energy", "right"),
 )
 #: Columns hidden first to last while the table is too wide; Layer, Params and Sparsity always stay.
-_DROP_ORDER = ("dense_bytes", "dense_macs", "nonzeros", "type", "ratio", "sparse_bytes", "effective_macs")
+_DROP_ORDER = (
+    "dense_bytes",
+    "dense_macs",
+    "nonzeros",
+    "encoding",
+    "type",
+    "ratio",
+    "energy",
+    "sparse_bytes",
+    "effective_macs",
+)
 
 
 def format_bytes(num: int | float) -> str:
@@ -52,6 +78,19 @@ def format_bytes(num: int | float) -> str:
         num /= 1000.0
         if num < 1000 or unit == "TB":
             return f"{num:.2f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_energy(picojoules: float | None) -> str:
+    """Human-readable energy: ``950 pJ``, ``1.23 nJ``, ``172.05 µJ``; ``n/a`` for ``None``."""
+    if picojoules is None:
+        return "n/a"
+    if picojoules < 1000:
+        return f"{picojoules:.0f} pJ"
+    for unit in ("nJ", "µJ", "mJ", "J"):
+        picojoules /= 1000.0
+        if picojoules < 1000 or unit == "J":
+            return f"{picojoules:.2f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -107,6 +146,21 @@ def shorten_name(name: str, width: int) -> str:
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _sum_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _energy_cell(picojoules: float | None) -> str:
+    return "-" if picojoules is None else format_energy(picojoules)
+
+
+def _times(ratio: float | None) -> str:
+    if ratio is None:
+        return "n/a"
+    return "inf" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 
 def _ratio(dense: int, sparse: int) -> str:
@@ -169,19 +223,30 @@ class CompressionSummary:
         uncounted: Ops that look like multiply-accumulates but have no flop formula in torch, so
             their MACs are missing, keyed by the row or module that ran them (see
             :class:`~lightning_compress.core.cost.ModelCost`). Marked ``?`` in the table.
+        energy_table: The energy per operation the rows' ``energy_pj`` were computed with
+            (:data:`~lightning_compress.core.cost.HOROWITZ_45NM` unless the user gave one).
 
     The totals are properties: ``params``, ``nonzeros``, ``sparsity``, ``dense_macs`` and
     ``effective_macs`` (sums over ``layers``; ``None`` if any row's MACs are unknown),
     ``unattributed_macs`` (sum of ``unattributed``), ``total_macs = dense_macs + unattributed_macs``
     and ``total_effective_macs = effective_macs + unattributed_macs`` (everything the counter saw,
     per sample), ``dense_bytes``, ``sparse_bytes`` and ``compression_ratio``
-    (``dense_bytes / sparse_bytes``).
+    (``dense_bytes / sparse_bytes``), ``encoded_bytes`` (every row in its best encoding), and the
+    energy estimates ``energy_pj`` (dense), ``compressed_energy_pj`` (as stored) and
+    ``energy_reduction`` (their ratio), summed over the rows that have one (Linear / Conv layers
+    the forward ran; ``None`` when there is none, e.g. without an example input).
     """
 
     layers: list[LayerCost] = field(default_factory=list)
     unattributed: dict[str, int] = field(default_factory=dict)
     batch_size: int | None = None
     uncounted: dict[str, list[str]] = field(default_factory=dict)
+    energy_table: EnergyTable = HOROWITZ_45NM
+
+    @property
+    def _energy_label(self) -> str:
+        source = "Horowitz 45 nm table" if self.energy_table == HOROWITZ_45NM else "user energy table"
+        return f"{source}, fp32"
 
     @property
     def params(self) -> int:
@@ -239,6 +304,36 @@ class CompressionSummary:
         return sum(layer.sparse_bytes for layer in self.layers)
 
     @property
+    def encoded_bytes(self) -> int | None:
+        """Total bytes with every row in its best encoding; ``None`` if a row has none."""
+        values = [layer.encoded_bytes for layer in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def energy_pj(self) -> float | None:
+        """Per-sample energy estimate of the dense rows (density 1), in picojoules.
+
+        Sum over the rows that have one (Linear / Conv layers the forward ran); ``None`` when no
+        row has one. Yang, Chen & Sze (2017) model, see :class:`~lightning_compress.core.cost.LayerEnergy`.
+        """
+        return _sum_known([layer.energy_pj for layer in self.layers])
+
+    @property
+    def compressed_energy_pj(self) -> float | None:
+        """Per-sample energy estimate of the rows as they are (their current non-zeros), in pJ."""
+        return _sum_known([layer.compressed_energy_pj for layer in self.layers])
+
+    @property
+    def energy_reduction(self) -> float | None:
+        """``energy_pj / compressed_energy_pj`` (``inf`` if compressed is 0, ``None`` if unknown)."""
+        dense, compressed = self.energy_pj, self.compressed_energy_pj
+        if dense is None or compressed is None:
+            return None
+        if compressed == 0:
+            return 1.0 if dense == 0 else math.inf
+        return dense / compressed
+
+    @property
     def compression_ratio(self) -> float:
         """``dense_bytes / sparse_bytes``: 1.0 without layers, ``inf`` if every weight is zero."""
         dense, sparse = self.dense_bytes, self.sparse_bytes
@@ -247,7 +342,7 @@ class CompressionSummary:
         return dense / sparse
 
     def totals(self) -> dict[str, Any]:
-        """Return the totals as a dictionary (``compression_ratio`` may be ``inf``)."""
+        """Return the totals as a dictionary (``compression_ratio``, ``energy_reduction`` may be ``inf``)."""
         return {
             "params": self.params,
             "nonzeros": self.nonzeros,
@@ -260,21 +355,28 @@ class CompressionSummary:
             "dense_bytes": self.dense_bytes,
             "sparse_bytes": self.sparse_bytes,
             "compression_ratio": self.compression_ratio,
+            "encoded_bytes": self.encoded_bytes,
+            "energy_pj": self.energy_pj,
+            "compressed_energy_pj": self.compressed_energy_pj,
+            "energy_reduction": self.energy_reduction,
         }
 
     def to_dict(self) -> dict[str, Any]:
         """Return every field, JSON-ready, with full names; an infinite ratio becomes ``None``.
 
         Keys: ``layers`` (each :meth:`LayerCost.to_dict`), ``unattributed``, ``batch_size``,
-        ``uncounted`` and ``totals`` (:meth:`totals`).
+        ``uncounted``, ``energy_table`` (picojoules per operation) and ``totals`` (:meth:`totals`).
         """
         totals = self.totals()
         totals["compression_ratio"] = _finite_or_none(totals["compression_ratio"])
+        if totals["energy_reduction"] is not None:
+            totals["energy_reduction"] = _finite_or_none(totals["energy_reduction"])
         return {
             "layers": [layer.to_dict() for layer in self.layers],
             "unattributed": dict(self.unattributed),
             "batch_size": self.batch_size,
             "uncounted": {name: list(ops) for name, ops in self.uncounted.items()},
+            "energy_table": asdict(self.energy_table),
             "totals": totals,
         }
 
@@ -293,7 +395,9 @@ class CompressionSummary:
                 "effective_macs": _macs_cell(layer.effective_macs, layer.macs_note),
                 "dense_bytes": format_bytes(layer.dense_bytes),
                 "sparse_bytes": format_bytes(layer.sparse_bytes),
+                "encoding": layer.encoding or "n/a",
                 "ratio": _ratio(layer.dense_bytes, layer.sparse_bytes),
+                "energy": _energy_cell(layer.compressed_energy_pj),
             }
             for layer in self.layers
         ]
@@ -317,7 +421,9 @@ class CompressionSummary:
             "effective_macs": format_count(self.total_effective_macs),
             "dense_bytes": format_bytes(self.dense_bytes),
             "sparse_bytes": format_bytes(self.sparse_bytes),
+            "encoding": "",
             "ratio": _ratio(self.dense_bytes, self.sparse_bytes),
+            "energy": format_energy(self.compressed_energy_pj),
         }
         return rows, free, total
 
@@ -353,6 +459,20 @@ class CompressionSummary:
             if self.batch_size is not None
             else "MACs from layer shapes (no example input): a Linear counts one position, others n/a."
         ]
+        if self.compressed_energy_pj is not None:
+            unknown = any(layer.compressed_energy_pj is None for layer in self.layers)
+            dense, stored = format_energy(self.energy_pj), format_energy(self.compressed_energy_pj)
+            notes.append(
+                f"Energy per sample (Yang et al. 2017 model, {self._energy_label}): {dense} dense, "
+                f"{stored} as stored ({_times(self.energy_reduction)} less)"
+                + ("; '-': not a Linear/Conv layer that ran." if unknown else ".")
+            )
+        encoded = self.encoded_bytes
+        if encoded is not None and self.layers:
+            notes.append(
+                "Enc.: smallest weight format (dense, bitmask, CSR, Deep Compression relative index); "
+                f"all rows encoded: {format_bytes(encoded)}."
+            )
         if free:
             notes.append("Rows with '-' params: MACs in modules without parameters; TOTAL includes them.")
         markers = {cells["dense_macs"] for cells in rows}
@@ -394,9 +514,10 @@ class CompressionSummary:
         """Render the rows, the unattributed MACs and a TOTAL row as a :class:`rich.table.Table`.
 
         The table fits ``width`` terminal columns: while it is too wide, columns are hidden in the
-        order Dense (bytes), Dense MACs, Non-zeros, Type, Ratio, Sparse, Eff. MACs (Layer, Params
-        and Sparsity always stay) until names of up to 40 characters fit; longer names are then
-        shortened with a middle ellipsis that keeps their last components (:func:`shorten_name`).
+        order Dense (bytes), Dense MACs, Non-zeros, Enc. (best encoding), Type, Ratio, Energy (as
+        stored), Sparse, Eff. MACs (Layer, Params and Sparsity always stay) until names of up to
+        40 characters fit; longer names are then shortened with a middle ellipsis that keeps their
+        last components (:func:`shorten_name`).
         A caption says how MACs were counted and what was hidden. :meth:`to_dict` always has every
         field and the full names.
 
@@ -433,15 +554,30 @@ class CompressionSummary:
 
 
 def compression_summary(
-    model: nn.Module, example_input: Any = None, *, batch_size: int | None = None
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    batch_size: int | None = None,
+    energy_table: EnergyTable | Mapping[str, float] | None = None,
 ) -> CompressionSummary:
-    """Summarise parameters, non-zeros, MACs and storage of ``model``'s rows.
+    """Summarise parameters, non-zeros, MACs, storage and energy of ``model``'s rows.
 
     Rows are every Linear, Conv1d/2d/3d, Embedding and MultiheadAttention and every other module
     that directly owns parameters. With an example input, MACs come from ONE forward pass under
     :class:`torch.utils.flop_counter.FlopCounterMode`, divided by ``batch_size``; MACs in no row
     go to :attr:`CompressionSummary.unattributed` (see
     :func:`~lightning_compress.core.cost.model_costs`).
+
+    Storage: besides ``sparse_bytes``, every row gets ``encoding`` / ``encoded_bytes``: its weights
+    in the smallest of dense, bitmask, CSR and Deep Compression relative indexing (4-bit index
+    differences for convolutions, 5-bit otherwise), its biases dense
+    (:func:`~lightning_compress.core.cost.row_encoding`).
+
+    Energy: on the same forward, each Linear / Conv layer that ran gets ``energy_pj`` (dense
+    weights) and ``compressed_energy_pj`` (its current non-zeros), per sample in fp32, from the
+    model of Yang, Chen & Sze (CVPR 2017) with the energies of Horowitz (ISSCC 2014)
+    (:class:`~lightning_compress.core.cost.LayerEnergy`). Other rows, and every row without an
+    example input, have ``None``.
 
     Args:
         model: The model to analyse.
@@ -451,12 +587,17 @@ def compression_summary(
             (as a ``LightningModule`` may), that is used.
         batch_size: Samples in the example input; ``None`` takes dim 0 of its first tensor (1 if
             that tensor has fewer than 2 dims).
+        energy_table: Energy per operation in picojoules: ``None`` for
+            :data:`~lightning_compress.core.cost.HOROWITZ_45NM`, an
+            :class:`~lightning_compress.core.cost.EnergyTable`, or a mapping that gives every
+            entry. Checked before anything is measured.
 
     Returns:
         The :class:`CompressionSummary`; ``print(summary)`` shows it as a table.
 
     Raises:
-        ValueError: If ``batch_size`` is not a positive int (see ``model_costs``).
+        ValueError: If ``batch_size`` is not a positive int (see ``model_costs``) or
+            ``energy_table`` is invalid (the message names the entry).
 
     Example:
         >>> import torch
@@ -465,14 +606,31 @@ def compression_summary(
         >>> summary.params, summary.dense_macs
         (10, 8)
     """
+    table = resolve_energy_table(energy_table)  # fail before measuring anything
     if example_input is None:
         candidate = getattr(model, "example_input_array", None)
         if isinstance(candidate, (torch.Tensor, tuple, list, dict)):
             example_input = candidate
-    cost = model_costs(model, example_input, batch_size=batch_size)
+    cost, energies = _costs_and_energy(model, example_input, batch_size)
+    energy = {layer.name: layer for layer in energies}
+    modules = dict(model.named_modules())
+    layers = []
+    for row in cost.layers:
+        encoding, encoded_bytes = row_encoding(modules[row.name])
+        layer_energy = energy.get(row.name)
+        layers.append(
+            replace(
+                row,
+                energy_pj=None if layer_energy is None else layer_energy.energy_pj(1.0, table),
+                compressed_energy_pj=None if layer_energy is None else layer_energy.energy_pj(None, table),
+                encoding=encoding,
+                encoded_bytes=encoded_bytes,
+            )
+        )
     return CompressionSummary(
-        layers=cost.layers,
+        layers=layers,
         unattributed=cost.unattributed,
         batch_size=cost.batch_size,
         uncounted=cost.uncounted,
+        energy_table=table,
     )
