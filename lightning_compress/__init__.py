@@ -21,7 +21,12 @@ from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_
 from lightning_compress.core.surgery import StructureChange, load_checkpoint, register_module_class
 from lightning_compress.core.targets import select_modules
 from lightning_compress.export import SparseLinear, to_sparse
-from lightning_compress.pruning import DynamicNetworkSurgery, GradualPruning, SparsityRegularizer
+from lightning_compress.pruning import (
+    DynamicNetworkSurgery,
+    EnergyAwarePruning,
+    GradualPruning,
+    SparsityRegularizer,
+)
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
 __version__ = "0.1.0"
@@ -36,6 +41,7 @@ __all__ = [
     "CompressionSummary",
     "Constraint",
     "DynamicNetworkSurgery",
+    "EnergyAwarePruning",
     "EnergyTable",
     "FunctionConstraint",
     "GradualPruning",

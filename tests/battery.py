@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -419,6 +420,27 @@ _DNS_BAD = [
     ),
 ]
 
+_ENERGY_BAD = [
+    ({"target_energy_reduction": 1.0}, r"`target_energy_reduction`=1.0 is not supported"),
+    ({"energy_table": {"fp32_mult": 3.7}}, r"`energy_table` is missing 'fp32_add'; expected all of"),
+]
+
+
+def _energy_check(target: float) -> Callable[[list[pl.Callback], nn.Module], None]:
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        root = compressed_root(model)
+        cb = next(c for c in callbacks if isinstance(c, lc.EnergyAwarePruning))
+        layers = {n.rsplit(".", 1)[0] for n in cb.masks.names}
+        profile = [e for e in lc.energy_profile(root, torch.zeros(1, 4, 6, 6)) if e.name in layers]
+        dense = sum(e.energy_pj(1.0) for e in profile)
+        reduction = 1.0 - sum(e.energy_pj() for e in profile) / dense
+        assert reduction == pytest.approx(target, abs=0.02), reduction
+        for name in cb.masks.names:
+            assert not bool(root.get_parameter(name)[~cb.masks[name].cpu()].any())
+
+    return check
+
+
 _REGULARIZER_BAD = [
     ({"l1": 0.0, "group_lasso": 0.0}, r"`l1`=0.0 and `group_lasso`=0.0"),
     ({"l1": -1.0}, r"`l1`=-1.0 is not supported; expected a number"),
@@ -519,6 +541,18 @@ REGISTRY: list[Entry] = [
         "dns-wrapper-student",
         lambda **kw: [lc.DynamicNetworkSurgery(**{"target_sparsity": 0.6, **_DNS_SCHED, **kw})],
         _pruning_check(0.6),
+        model="wrapper",
+    ),
+    Entry(
+        "energy-aware-tiny",
+        lambda **kw: [lc.EnergyAwarePruning(**{"target_energy_reduction": 0.5, **_SCHED, **kw})],
+        _energy_check(0.5),
+        bad_args=_ENERGY_BAD,
+    ),
+    Entry(
+        "energy-aware-wrapper-student",
+        lambda **kw: [lc.EnergyAwarePruning(**{"target_energy_reduction": 0.4, **_SCHED, **kw})],
+        _energy_check(0.4),
         model="wrapper",
     ),
     Entry(

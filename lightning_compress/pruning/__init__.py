@@ -1,7 +1,8 @@
 """Pruning techniques."""
 
+from lightning_compress.pruning.energy import EnergyAwarePruning
 from lightning_compress.pruning.gradual import GradualPruning
 from lightning_compress.pruning.regularizer import SparsityRegularizer
 from lightning_compress.pruning.surgery import DynamicNetworkSurgery
 
-__all__ = ["DynamicNetworkSurgery", "GradualPruning", "SparsityRegularizer"]
+__all__ = ["DynamicNetworkSurgery", "EnergyAwarePruning", "GradualPruning", "SparsityRegularizer"]

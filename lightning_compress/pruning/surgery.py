@@ -233,7 +233,7 @@ class DynamicNetworkSurgery(CompressionCallback):
         exclude: list[str] | None = None,
         start: int | float = 0.0,
         schedule: ScheduleName = "cubic",
-        end: int | float = 0.25,
+        end: int | float = 0.5,
         calibration: CalibrationName = "global",
         min_density: float = 0.01,
         seed: int = 0,
