@@ -27,8 +27,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Each script writes its own section; RESULTS.md is their concatenation (about 35 minutes in all).
 bench: $(STAMP)
-	$(PY) benchmarks/pruning.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/pruning.py --out benchmarks/results/pruning.md
+	$(PY) benchmarks/sparsity.py --out benchmarks/results/sparsity.md
+	cat benchmarks/results/pruning.md benchmarks/results/sparsity.md > benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache
