@@ -265,7 +265,14 @@ class ActivationImportance(Importance):
             module = root.get_submodule(module_name) if module_name else root
             self._handles.append(module.register_forward_hook(self._hook(targets), with_kwargs=True))
 
+    @staticmethod
+    def statistic(x: Tensor, channel_dim: int) -> Tensor:
+        """The per-input-channel statistic of one batch (default: mean ``|x|``). Override to change it."""
+        return channel_mean_abs(x, channel_dim)
+
     def _hook(self, targets: list[TargetParam]) -> Callable[..., None]:
+        statistic = self.statistic
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not module.training:
                 return
@@ -273,7 +280,7 @@ class ActivationImportance(Importance):
                 x = activation_input(t, args, kwargs)
                 if not isinstance(x, Tensor) or not x.is_floating_point():
                     continue
-                stat = channel_mean_abs(x, t.input_dim)
+                stat = statistic(x, t.input_dim)
                 if t.param in self.sums:
                     self.sums[t.param] += stat
                     self.counts[t.param] += 1

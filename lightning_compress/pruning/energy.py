@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -35,8 +35,7 @@ from lightning_compress.core.cost import (
     resolve_energy_table,
 )
 from lightning_compress.core.importance import ActivationImportance, Importance, MagnitudeImportance
-from lightning_compress.core.params import TargetParam, activation_input, select_parameters
-from lightning_compress.core.schedules import sparsity_at
+from lightning_compress.core.params import select_parameters
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.functional.pruning import lamp_score, magnitude_score
 from lightning_compress.pruning.gradual import GradualPruning
@@ -199,23 +198,10 @@ class OutputErrorImportance(ActivationImportance):
 
     name = "output_error"
 
+    @staticmethod
     @override
-    def _hook(self, targets: list[TargetParam]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not module.training:
-                return
-            for t in targets:
-                x = activation_input(t, args, kwargs)
-                if not isinstance(x, Tensor) or not x.is_floating_point():
-                    continue
-                stat = channel_mean_square(x, t.input_dim)
-                if t.param in self.sums:
-                    self.sums[t.param] += stat
-                    self.counts[t.param] += 1
-                else:
-                    self.sums[t.param], self.counts[t.param] = stat, 1
-
-        return hook
+    def statistic(x: Tensor, channel_dim: int) -> Tensor:
+        return channel_mean_square(x, channel_dim)
 
     @override
     def scores(self, step: int) -> list[Tensor]:
@@ -638,16 +624,7 @@ class EnergyAwarePruning(GradualPruning):
         Masks agree on every rank: the profile is rank 0's, weights are identical under DDP and the
         input statistics are reduced across ranks before scoring.
         """
-        sched = self.step_schedule
-        target = sparsity_at(
-            step,
-            schedule=self.schedule,
-            start=sched.start_step,
-            end=sched.end_step,
-            final=self.target_energy_reduction,
-            initial=self.initial_energy_reduction,
-            power=self.power,
-        )
+        target = self.scheduled(step, self.target_energy_reduction, self.initial_energy_reduction)
         self.importance.close_window()
         trainer = self._trainer
         if target > self.applied_energy_reduction and self.profile is not None:
@@ -685,7 +662,7 @@ class EnergyAwarePruning(GradualPruning):
             )
         self.last_update_step = step
         self.importance.reset()
-        self._next_update = sched.next_update(step + 1, self.schedule)
+        self._next_update = self.step_schedule.next_update(step + 1, self.schedule)
 
     def allocation_score(self, name: str, weight: Tensor) -> Tensor:
         """Importance that the knapsack weighs against energy across layers. Override to customize."""

@@ -308,6 +308,19 @@ class GradualPruning(CompressionCallback):
         """
         return self._scores[name]
 
+    def scheduled(self, step: int, final: float, initial: float) -> float:
+        """The value the schedule (``schedule``, ``start``, ``end``, ``power``) gives at ``step``."""
+        sched = self.step_schedule
+        return sparsity_at(
+            step,
+            schedule=self.schedule,
+            start=sched.start_step,
+            end=sched.end_step,
+            final=final,
+            initial=initial,
+            power=self.power,
+        )
+
     def update_masks(self, step: int) -> None:
         """Recompute the masks for the schedule's sparsity at ``step``.
 
@@ -315,15 +328,7 @@ class GradualPruning(CompressionCallback):
         statistics are reduced across ranks first, and random scores are seeded by the step.
         """
         sched = self.step_schedule
-        target = sparsity_at(
-            step,
-            schedule=self.schedule,
-            start=sched.start_step,
-            end=sched.end_step,
-            final=self.target_sparsity,
-            initial=self.initial_sparsity,
-            power=self.power,
-        )
+        target = self.scheduled(step, self.target_sparsity, self.initial_sparsity)
         self.importance.close_window()
         trainer = self._trainer
         if target > self.applied_sparsity:
