@@ -81,14 +81,37 @@ def test_threshold_masks_prune_exactly_and_respect_floors() -> None:
     masks, ts = threshold_masks(scores, 0.9, "global")
     assert sum(int((~m).sum()) for m in masks) == 27_090
     assert int(masks[1].sum()) == 0  # without a floor the small layer is emptied
-    masks, _ = threshold_masks(scores, 0.9, "global", min_keep=[300, 5])
+    masks, ts = threshold_masks(scores, 0.9, "global", min_keep=[300, 5])
     assert int(masks[1].sum()) == 5
+    assert ts[1] < ts[0]  # the tensor at its floor has its own, lower threshold
     assert sum(int((~m).sum()) for m in masks) == 27_090
     top5 = torch.topk(scores[1].flatten(), 5).indices
     assert bool(masks[1].flatten()[top5].all())
     masks, ts = threshold_masks(scores, 0.5, "local")
     assert [int((~m).sum()) for m in masks] == [15_000, 50]
     assert len(ts) == 2
+
+
+def test_threshold_masks_with_hints_equal_the_full_water_filling() -> None:
+    """Hints from the previous update (a layer at its floor, a shifted threshold) never change the result."""
+    torch.manual_seed(0)
+    scores = [torch.rand(300, 80) * 0.2, torch.rand(100, 30), torch.rand(10, 10)]
+    floors = [240, 30, 10]
+    masks, ts = threshold_masks(scores, 0.95, "global", min_keep=floors)
+    assert ts[0] < max(ts)  # the first tensor is at its floor
+    assert int(masks[0].sum()) == 240
+    for step in range(6):
+        gen = torch.Generator().manual_seed(step)
+        scale = [1.0 + 0.6 * step, 1.0, 1.0 - 0.1 * step]  # the first tensor grows out of its floor
+        moved = [s * c + 0.01 * torch.rand(s.shape, generator=gen) for s, c in zip(scores, scale)]
+        full, full_ts = threshold_masks(moved, 0.95, "global", min_keep=floors)
+        hinted, hinted_ts = threshold_masks(moved, 0.95, "global", min_keep=floors, hints=ts)
+        assert all(torch.equal(a, b) for a, b in zip(full, hinted)), step
+        assert full_ts == hinted_ts
+        assert sum(int((~m).sum()) for m in full) == round(0.95 * 27_100)
+        for m, f in zip(full, floors):
+            assert int(m.sum()) >= f
+        ts = hinted_ts
 
 
 def test_update_probability() -> None:

@@ -83,53 +83,70 @@ def threshold_masks(
     sparsity: float,
     scope: str,
     min_keep: Sequence[int] | None = None,
-    hints: Sequence[float | None] | None = None,
+    hints: Sequence[float] | None = None,
 ) -> tuple[list[Tensor], list[float]]:
-    """Keep-masks ``score > t`` that prune ``round(sparsity * n)`` entries, and the thresholds ``t``.
+    """Keep-masks ``score > t`` that prune ``round(sparsity * n)`` entries, and each tensor's ``t``.
 
     ``scope="global"``: one ``t`` over every tensor, except that a tensor whose kept count would fall
-    below its ``min_keep`` floor keeps its top-``floor`` entries and the others share a new ``t``
-    (water-filling); ``"local"``: one ``t`` per tensor. Ties at ``t`` are all pruned (scores of
-    continuous weights practically never tie). ``hints`` (the previous thresholds) make the
-    selection cheap; see :func:`kth_smallest`.
+    below its ``min_keep`` floor keeps its top-``floor`` entries (its own, lower ``t``) and the others
+    share a new ``t`` (water-filling); ``"local"``: one ``t`` per tensor. Ties at ``t`` are all
+    pruned (scores of continuous weights practically never tie).
+
+    ``hints``, the thresholds this function returned last time, make the selection cheap (see
+    :func:`kth_smallest`): in global scope the tensors whose threshold was below the largest one were
+    at their floor, and are tried at their floor first (checked, with a fall-back to the full
+    water-filling when a guess no longer holds).
     """
     flat = [s.detach().flatten() for s in scores]
-    hints = list(hints) if hints is not None else [None] * len(flat)
-    if scope == "local":
-        out, ts = [], []
-        for f, h in zip(flat, hints):
-            k = round(sparsity * f.numel())
-            t = kth_smallest(f, k, h) if k > 0 else f.new_tensor(-math.inf)
-            out.append(f > t)
-            ts.append(float(t))
-        return [m.view_as(s) for m, s in zip(out, scores)], ts
+    n = len(flat)
     sizes = [f.numel() for f in flat]
-    free = list(range(len(flat)))
-    keeps: list[Tensor | None] = [None] * len(flat)
-    k = round(sparsity * sum(sizes))
-    hint = hints[0] if hints else None
-    t = flat[0].new_tensor(-math.inf)
-    while free:
-        cat = torch.cat([flat[i] for i in free])
-        t = kth_smallest(cat, k, hint) if k > 0 else cat.new_tensor(-math.inf)
-        kept = [int(c) for c in torch.stack([(flat[i] > t).sum() for i in free]).tolist()]
-        floors = [0 if min_keep is None else min(min_keep[i], sizes[i]) for i in free]
-        clamp = [i for i, c, f in zip(free, kept, floors) if c < f]
-        if not clamp:
-            for i in free:
-                keeps[i] = flat[i] > t
-            break
-        for i in clamp:  # at its floor: the top-`floor` entries
-            floor = min(min_keep[i], sizes[i]) if min_keep is not None else 0
-            keep = torch.zeros_like(flat[i], dtype=torch.bool)
-            if floor:
-                keep[torch.topk(flat[i], floor, sorted=False).indices] = True
-            keeps[i] = keep
-            k -= sizes[i] - floor
-        free = [i for i in free if i not in clamp]
-        hint = None
-    masks = [m.view_as(s) for m, s in zip(keeps, scores) if m is not None]
-    return masks, [float(t)] * len(flat)
+    prev: list[float | None] = list(hints) if hints is not None and len(hints) == n else [None] * n
+    if scope == "local":
+        ts = []
+        for f, h in zip(flat, prev):
+            k = round(sparsity * f.numel())
+            ts.append(kth_smallest(f, k, h) if k > 0 else f.new_tensor(-math.inf))
+        return [(f > t).view_as(s) for f, t, s in zip(flat, ts, scores)], [float(t) for t in ts]
+
+    floors = [0 if min_keep is None else min(min_keep[i], sizes[i]) for i in range(n)]
+    k_total = round(sparsity * sum(sizes))
+    known = [h for h in prev if h is not None]
+    top = max(known) if len(known) == n else None
+    guess = [i for i, h in enumerate(prev) if top is not None and h is not None and h < top and floors[i]]
+
+    def at_floor(i: int, hint: float | None) -> Tensor:
+        prune = sizes[i] - floors[i]
+        return kth_smallest(flat[i], prune, hint) if prune > 0 else flat[i].new_tensor(-math.inf)
+
+    def solve(clamped: list[int], hint: float | None) -> tuple[list[Tensor], bool]:
+        ts: list[Tensor | None] = [None] * n
+        for i in clamped:
+            ts[i] = at_floor(i, prev[i])
+        free = [i for i in range(n) if i not in clamped]
+        k = k_total - sum(sizes[i] - floors[i] for i in clamped)
+        while free:
+            cat = torch.cat([flat[i] for i in free])
+            t = kth_smallest(cat, k, hint) if k > 0 else cat.new_tensor(-math.inf)
+            kept = torch.stack([(flat[i] > t).sum() for i in free]).tolist()
+            clamp = [i for i, c in zip(free, kept) if c < floors[i]]
+            if not clamp:
+                for i in free:
+                    ts[i] = t
+                break
+            for i in clamp:  # at its floor: the top-`floor` entries
+                ts[i] = at_floor(i, None)
+                k -= sizes[i] - floors[i]
+            free = [i for i in free if i not in clamp]
+            hint = None
+        # A guessed floor holds if the shared threshold would still leave that tensor under it.
+        shared = max(float(t) for t in ts if t is not None)
+        ok = all(int((flat[i] > shared).sum()) < floors[i] for i in clamped)
+        return [t for t in ts if t is not None], ok
+
+    ts, ok = solve(guess, top) if guess else (None, False)
+    if not ok:
+        ts, _ = solve([], top)
+    return [(f > t).view_as(s) for f, t, s in zip(flat, ts, scores)], [float(t) for t in ts]
 
 
 def update_probability(iteration: int, gamma: float, power: float) -> float:
@@ -474,12 +491,14 @@ class DynamicNetworkSurgery(CompressionCallback):
                 crit, self.target_at(step), scope, min_keep=min_keep, hints=self._thresholds or None
             )
             if self.calibration == "shared_c":
-                self.current_c = self._thresholds[0]
+                self.current_c = max(self._thresholds)
             elif self.calibration == "local":
                 self.current_c = dict(zip(names, self._thresholds))
-            else:  # one magnitude threshold t = mu_l + c_l * sigma_l
-                t = self._thresholds[0]
-                self.current_c = {n: (t - mu) / max(sigma, 1e-12) for n, (mu, sigma) in self.stats.items()}
+            else:  # a magnitude threshold t_l = mu_l + c_l * sigma_l (shared but at floors)
+                self.current_c = {
+                    n: (t - self.stats[n][0]) / max(self.stats[n][1], 1e-12)
+                    for n, t in zip(names, self._thresholds)
+                }
         spliced = sum(((~m) & k).sum() for m, k in zip(previous, new))
         self._spliced = self._spliced + spliced
         # Only the masks change here. The parameters about to step are set from the dense copy by
