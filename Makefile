@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Each script writes its own section; RESULTS.md is their concatenation (about 35 minutes in all).
+# Each script writes its own section; RESULTS.md is their concatenation (about 20 minutes in all).
 bench: $(STAMP)
 	$(PY) benchmarks/pruning.py --out benchmarks/results/pruning.md
 	$(PY) benchmarks/sparsity.py --out benchmarks/results/sparsity.md

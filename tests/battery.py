@@ -556,6 +556,12 @@ REGISTRY: list[Entry] = [
         model="wrapper",
     ),
     Entry(
+        "stacked-gridsnap+energy-aware-resnet",
+        _stack(GridSnap, lambda: lc.EnergyAwarePruning(target_energy_reduction=0.5, **_SCHED)),
+        _both(_energy_check(0.5), _on_grid),
+        model="resnet",
+    ),
+    Entry(
         "stacked-regularizer+gradual",
         _stack(
             lambda **kw: lc.SparsityRegularizer(**{"l1": 1e-3, "group_lasso": 1e-3, **kw}),

@@ -351,3 +351,29 @@ def test_optimizer_state_of_pruned_entries_is_clean_after_stop(tmp_path: Path) -
         assert torch.all(state["exp_avg"][~mask] == 0)
         assert not bool((model.get_parameter(name)[~mask] != 0).any())
     assert math.isclose(dns.sparsity, 0.7, abs_tol=1e-3)
+
+
+def test_resume_after_stop_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A checkpoint taken once the masks are fixed (dense copy dropped) resumes into masked training."""
+
+    def run(callbacks: list[Any], epochs: int, ckpt_path: str | None = None, **kw: Any) -> nn.Module:
+        pl.seed_everything(0)
+        model = MLP()
+        _trainer(tmp_path, callbacks, epochs=epochs, **kw).fit(model, tiny_data(), ckpt_path=ckpt_path)
+        return model
+
+    sched = {"target_sparsity": 0.7, "start": 0, "end": 6, "stop": 12, "gamma": 0.01}
+    ref_cb = lc.DynamicNetworkSurgery(**sched)
+    ref = run([ref_cb], epochs=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    first = lc.DynamicNetworkSurgery(**sched)
+    run([first, ckpt], epochs=2, enable_checkpointing=True)  # 16 steps: frozen at 12
+    assert first.frozen
+    resumed_cb = lc.DynamicNetworkSurgery(**sched)
+    resumed = run([resumed_cb], epochs=4, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    assert resumed_cb.frozen
+    assert resumed_cb.dense == {}
+    for name in ref_cb.masks.names:
+        assert torch.equal(resumed_cb.masks[name], ref_cb.masks[name])
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(resumed.get_parameter(name), p, rtol=0, atol=0)
