@@ -212,7 +212,9 @@ def test_optimizer_updates_the_dense_weights_with_the_gradient_of_the_masked_one
 
 def test_saved_weights_are_masked_and_resume_keeps_the_dense_copy(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    dns = lc.DynamicNetworkSurgery(target_sparsity=0.7, start=0, end=8, stop=1.0, gamma=0.01)
+    dns = lc.DynamicNetworkSurgery(
+        target_sparsity=0.7, start=0, end=8, stop=1.0, gamma=0.01, calibrate_every=1
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
     model = TinyNet()
     _trainer(tmp_path, [dns, ckpt], epochs=2, enable_checkpointing=True).fit(model, tiny_data())
@@ -351,6 +353,48 @@ def test_optimizer_state_of_pruned_entries_is_clean_after_stop(tmp_path: Path) -
         assert torch.all(state["exp_avg"][~mask] == 0)
         assert not bool((model.get_parameter(name)[~mask] != 0).any())
     assert math.isclose(dns.sparsity, 0.7, abs_tol=1e-3)
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_calibrate_every_lands_exactly_and_resumes_exactly(tmp_path: Path, every: int) -> None:
+    sched = {"target_sparsity": 0.7, "start": 0, "end": 8, "stop": 28, "gamma": 0.0, "calibrate_every": every}
+
+    def run(callbacks: list[Any], epochs: int, ckpt_path: str | None = None, **kw: Any) -> nn.Module:
+        pl.seed_everything(0)
+        model = MLP()
+        _trainer(tmp_path, callbacks, epochs=epochs, **kw).fit(model, tiny_data(), ckpt_path=ckpt_path)
+        return model
+
+    ref_cb = lc.DynamicNetworkSurgery(**sched)
+    ref = run([ref_cb], epochs=4)
+    assert ref_cb.updates == 28  # gamma=0: every step until stop
+    names = ref_cb.masks.names
+    assert _sparsity_of(ref, names) == pytest.approx(0.7, abs=1e-3)  # calibrated right before stop
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    with pytest.raises(RuntimeError, match="simulated crash"):  # the same run, stopped mid-surgery
+        run(
+            [lc.DynamicNetworkSurgery(**sched), ckpt, _Crash(at_step=19)], epochs=4, enable_checkpointing=True
+        )
+    resumed_cb = lc.DynamicNetworkSurgery(**sched)
+    resumed = run([resumed_cb], epochs=4, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    for name in names:
+        assert torch.equal(resumed_cb.masks[name], ref_cb.masks[name])
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(resumed.get_parameter(name), p, rtol=0, atol=0)
+
+
+class _Crash(pl.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _sparsity_of(model: nn.Module, names: list[str]) -> float:
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in names)
+    return zeros / sum(model.get_parameter(n).numel() for n in names)
 
 
 def test_resume_after_stop_equals_the_uninterrupted_run(tmp_path: Path) -> None:

@@ -230,6 +230,10 @@ class DynamicNetworkSurgery(CompressionCallback):
         calibration: ``"global"``, ``"shared_c"`` or ``"local"`` (see above).
         min_density: With a global calibration, no layer keeps fewer than ``ceil(min_density * n)``
             of its ``n`` weights.
+        calibrate_every: With ``target_sparsity``: calibrate the thresholds at every this many-th
+            update (and always at the first one and right before ``stop``, so the masks fix exactly
+            at the target); the updates in between use the last thresholds, as the paper uses fixed
+            ones, and cost one comparison per weight instead of a selection.
         seed: Seed of the update draws.
         include_embeddings: Also operate on ``nn.Embedding`` tables.
         log_per_layer: Also log ``sparsity/<layer>``.
@@ -253,12 +257,14 @@ class DynamicNetworkSurgery(CompressionCallback):
         end: int | float = 0.5,
         calibration: CalibrationName = "global",
         min_density: float = 0.01,
+        calibrate_every: int = 10,
         seed: int = 0,
         include_embeddings: bool = False,
         log_per_layer: bool = False,
         flush_denormal: bool = True,
     ) -> None:
         super().__init__(targets=targets, exclude=exclude, flush_denormal=flush_denormal)
+        self.calibrate_every = check_int("calibrate_every", calibrate_every, minimum=1)
         if target_sparsity is not None and c is not None:
             raise ValueError(
                 f"`target_sparsity`={target_sparsity!r} and `c`={c!r} were both given; give one: "
@@ -331,6 +337,7 @@ class DynamicNetworkSurgery(CompressionCallback):
         self.layer_sparsity: dict[str, float] = {}
         self._updated_this_batch = False
         self._thresholds: list[float] = []  # of the last calibration: hints for the next one
+        self._since_calibration = 0  # updates with fixed thresholds since the last calibration
         self._pending: set[str] = set()  # new masks not yet applied to the parameters
         self._root: nn.Module | None = None
         self._trainer: pl.Trainer | None = None
@@ -429,8 +436,13 @@ class DynamicNetworkSurgery(CompressionCallback):
             return
         if not self.started:
             self._start()
-        if step == start or _draw(self.seed, step) < update_probability(step - start, self.gamma, self.power):
-            self.update_masks(step)
+        last = stop is not None and step == stop - 1  # calibrated once more so the masks fix at the target
+        if (
+            step == start
+            or last
+            or _draw(self.seed, step) < update_probability(step - start, self.gamma, self.power)
+        ):
+            self.update_masks(step, calibrate=last)
 
     def _start(self) -> None:
         """Take the dense copy and the per-layer statistics of ``|W|`` (once, when surgery starts)."""
@@ -465,20 +477,40 @@ class DynamicNetworkSurgery(CompressionCallback):
             final=self.target_sparsity,
         )
 
+    def _band(self, name: str, index: int) -> tuple[float, float]:
+        """``(a, b)`` of layer ``name``: from ``c`` as given, or from the last calibration."""
+        if self.target_sparsity is None:
+            c = self._layer_c()[name] if isinstance(self.c, dict) else self.c
+            return surgery_thresholds(*self.stats[name], c)
+        t = self._thresholds[index]
+        if self.calibration == "global":  # t is a magnitude: |w| / 0.9 or |w| / 1.1 against t
+            return LOW * max(t, 0.0), HIGH * max(t, 0.0)
+        return surgery_thresholds(*self.stats[name], t)  # t is this layer's c
+
     @torch.no_grad()
-    def update_masks(self, step: int) -> None:
-        """One surgery update of every mask from the dense weights (identical on every rank)."""
+    def update_masks(self, step: int, calibrate: bool = False) -> None:
+        """One surgery update of every mask from the dense weights (identical on every rank).
+
+        With ``target_sparsity``, the thresholds are calibrated at the first update, then every
+        ``calibrate_every`` updates and right before ``stop`` (``calibrate=True``); in between they
+        stay fixed, as in the paper, and an update is one comparison per weight.
+        """
         names = self.param_names
         dense = [self.dense[n] for n in names]
         previous = [self.masks[n] for n in names]
-        if self.target_sparsity is None:
-            per_layer = self._layer_c() if isinstance(self.c, dict) else dict.fromkeys(names, self.c)
-            new = []
-            for n, w, m in zip(names, dense, previous):
-                a, b = surgery_thresholds(*self.stats[n], per_layer[n])
-                new.append(surgery_mask(w, m, a, b))
-            self.current_c = self.c
+        fixed = self.target_sparsity is None or (
+            not calibrate and self._thresholds and self._since_calibration + 1 < self.calibrate_every
+        )
+        if fixed:
+            new = [
+                surgery_mask(w, m, *self._band(n, i))
+                for i, (n, w, m) in enumerate(zip(names, dense, previous))
+            ]
+            self._since_calibration += 1
+            if self.target_sparsity is None:
+                self.current_c = self.c
         else:
+            self._since_calibration = 0
             if self.calibration == "global":  # one magnitude threshold (with the band) for every layer
                 crit = [w.abs() / torch.where(m, LOW, HIGH).to(w.dtype) for w, m in zip(dense, previous)]
             else:
@@ -597,6 +629,7 @@ class DynamicNetworkSurgery(CompressionCallback):
         self.target_params = kept
         self.param_names = [t.param for t in kept]
         self.dense = {n: dense[n] for n in self.param_names if n in dense}
+        self._thresholds = []  # per-layer; recalibrated at the next update
         self.stats = {n: s for n, s in stats.items() if n in self.param_names and s is not None}
 
     # ------------------------------------------------------------------ checkpointing
@@ -614,6 +647,8 @@ class DynamicNetworkSurgery(CompressionCallback):
             "sparsity": self.sparsity,
             "layer_sparsity": dict(self.layer_sparsity),
             "current_c": self.current_c,
+            "thresholds": list(self._thresholds),
+            "since_calibration": self._since_calibration,
             "ramp": self.ramp.state_dict(),
             "window": self.window.state_dict(),
         }
@@ -631,6 +666,8 @@ class DynamicNetworkSurgery(CompressionCallback):
         self.sparsity = float(state_dict.get("sparsity", 0.0))
         self.layer_sparsity = dict(state_dict.get("layer_sparsity", {}))
         self.current_c = state_dict.get("current_c")
+        self._thresholds = [float(t) for t in state_dict.get("thresholds", [])]
+        self._since_calibration = int(state_dict.get("since_calibration", 0))
         if "ramp" in state_dict:
             self.ramp.load_state_dict(state_dict["ramp"])
         if "window" in state_dict:
