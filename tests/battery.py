@@ -396,14 +396,17 @@ _PRUNING_BAD = [
 
 _DNS_BAD = [
     ({"target_sparsity": 0.9, "c": 1.0}, r"`target_sparsity`=0.9 and `c`=1.0 were both given; give one"),
-    ({"gamma": -1e-4}, r"`gamma`=-0.0001 is not supported; expected a number >= 0"),
-    ({"power": -1}, r"`power`=-1 is not supported; expected a number >= 0"),
+    ({"gamma": -1e-4}, r"`gamma`=-0.0001 is not supported; expected a number in \[0, inf\)"),
+    ({"power": -1}, r"`power`=-1 is not supported; expected a number in \[0, inf\)"),
     (
         {"c": "high", "target_sparsity": None},
         r"`c`='high' is not supported; expected a finite number or a \{pattern: number\}",
     ),
     ({"c": {}, "target_sparsity": None}, r"`c`=\{\} is empty; expected a number or a non-empty"),
-    ({"c": {"fc*": "x"}, "target_sparsity": None}, r"`c\['fc\*'\]`='x' is not supported; expected a number"),
+    (
+        {"c": {"fc*": "x"}, "target_sparsity": None},
+        r"`c\['fc\*'\]`='x' is not supported; expected a finite number",
+    ),
     ({"target_sparsity": 1.0}, r"`target_sparsity`=1.0 is not supported; expected a number in \[0, 1\)"),
     ({"stop": 1.5}, r"`stop`=1.5 is a float outside \[0, 1\]"),
     ({"start": 0.8, "stop": 0.5}, r"`stop`=0.5 is before `start`=0.8"),

@@ -291,7 +291,7 @@ def test_logs_sparsity_and_spliced_entries(tmp_path: Path) -> None:
     trainer.fit(MLP(), tiny_data())
     metrics = trainer.logged_metrics
     assert float(metrics["sparsity"]) == pytest.approx(0.7, abs=1e-3)
-    for key in ("dns/spliced", "dns/updates", "sparsity/fc1", "dns/c/fc1"):
+    for key in ("dns/spliced", "dns/updates", "dns/threshold", "sparsity/fc1", "dns/c/fc1"):
         assert key in metrics, key
     import csv
 
@@ -421,3 +421,30 @@ def test_resume_after_stop_equals_the_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(resumed_cb.masks[name], ref_cb.masks[name])
     for name, p in ref.named_parameters():
         torch.testing.assert_close(resumed.get_parameter(name), p, rtol=0, atol=0)
+
+
+def test_a_step_the_optimizer_skips_leaves_the_weights_masked(tmp_path: Path) -> None:
+    """``on_before_optimizer_step`` without ``optimizer.step()`` (as Lightning's fp16 AMP plugin does when
+    ``training_step`` returns ``None``): the dense W that went in before the step is taken out at batch end."""
+    from pytorch_lightning.plugins.precision import Precision
+
+    class SkipsLikeAmp(Precision):
+        def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+            result = self._wrap_closure(model, optimizer, closure)  # backward + on_before_optimizer_step
+            return None if result is None else optimizer.step(**kwargs)
+
+    class SometimesNone(MLP):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            if batch_idx % 3 == 0:
+                loss.backward()  # gradients exist, but the step is skipped
+                return None
+            return loss
+
+    torch.manual_seed(0)
+    # schedule="constant", huge gamma: one update at the start, none later that would reset the weights
+    dns = lc.DynamicNetworkSurgery(target_sparsity=0.7, schedule="constant", stop=1.0, gamma=1e6)
+    rec = _Recorder(dns)  # asserts weights == dense * mask at every batch start
+    trainer = _trainer(tmp_path, [dns, rec], epochs=2, plugins=[SkipsLikeAmp()])
+    trainer.fit(SometimesNone(), tiny_data())
+    assert rec.checked > 10

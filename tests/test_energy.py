@@ -224,7 +224,7 @@ def test_summary_energy_of_single_linear_matches_the_formula():
     totals = summary.totals()
     assert totals["energy_pj"] == pytest.approx(150120.0)
     assert totals["compressed_energy_pj"] == pytest.approx(32292.0)
-    assert totals["energy_reduction"] == pytest.approx(150120.0 / 32292.0)
+    assert totals["energy_ratio"] == pytest.approx(150120.0 / 32292.0)
 
 
 def test_pruning_half_of_lenet_300_100_reduces_compressed_energy():
@@ -241,7 +241,7 @@ def test_pruning_half_of_lenet_300_100_reduces_compressed_energy():
     assert after.energy_pj == pytest.approx(before.energy_pj)  # dense energy does not move
     assert before.compressed_energy_pj == pytest.approx(before.energy_pj)
     assert after.compressed_energy_pj < 0.6 * before.compressed_energy_pj
-    assert after.energy_reduction > 1.6
+    assert after.energy_ratio > 1.6
     expected = sum(layer.energy_pj(0.5) for layer in energy_profile(model, x))
     assert after.compressed_energy_pj == pytest.approx(expected, rel=1e-3)
 
@@ -265,7 +265,7 @@ def test_summary_without_example_input_has_no_energy():
     summary = compression_summary(nn.Sequential(nn.Linear(4, 4)))
     assert summary.layers[0].energy_pj is None
     totals = summary.to_dict()["totals"]
-    assert (totals["energy_pj"], totals["compressed_energy_pj"], totals["energy_reduction"]) == (
+    assert (totals["energy_pj"], totals["compressed_energy_pj"], totals["energy_ratio"]) == (
         None,
         None,
         None,
@@ -283,12 +283,12 @@ def test_summary_energy_column_and_caption():
     assert "Energy" in [column.header for column in wide.columns]
 
 
-def test_infinite_energy_reduction_is_none_in_to_dict():
+def test_infinite_energy_ratio_is_none_in_to_dict():
     model = nn.Sequential(nn.Linear(4, 4, bias=False))
     nn.init.zeros_(model[0].weight)
     summary = compression_summary(model, torch.randn(1, 4), energy_table={**FULL, "dram_read": 0.0})
     assert summary.compressed_energy_pj == 0.0
-    assert summary.energy_reduction == math.inf
-    assert summary.to_dict()["totals"]["energy_reduction"] is None
+    assert summary.energy_ratio == math.inf
+    assert summary.to_dict()["totals"]["energy_ratio"] is None
     assert summary.to_dict()["energy_table"]["dram_read"] == 0.0
     assert "user energy table" in " ".join(str(summary).split())

@@ -349,3 +349,47 @@ def test_bad_arguments(pruned, kwargs, message):
 def test_not_a_module():
     with pytest.raises(TypeError, match=r"to_sparse expects an nn\.Module, got dict"):
         to_sparse({})
+
+
+def test_output_is_row_major_so_view_works(pruned):
+    class Flattens(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x).view(-1)  # fails on a transposed (non-contiguous) output
+
+    model = Flattens(copy.deepcopy(pruned))
+    fast = to_sparse(model, layers=["inner.fc1"], force=True)
+    x = x_mnist(64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_inplace_error_in_example_input_puts_the_dense_layers_back(pruned):
+    class Picky(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if isinstance(self.inner.fc1, SparseLinear):
+                raise RuntimeError("this model only runs dense layers")
+            return self.inner(x)
+
+    model = Picky(copy.deepcopy(pruned))
+    with pytest.raises(RuntimeError, match="only runs dense layers"):
+        to_sparse(model, x_mnist(2), layers=["inner.fc1"], force=True, inplace=True)
+    assert type(model.inner.fc1) is nn.Linear  # nothing half-applied
+    assert model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_layers_stay_dense_with_a_reason(pruned, dtype):
+    model = copy.deepcopy(pruned).to(dtype)
+    fast = to_sparse(model, layers=["fc1"], force=True)
+    assert type(fast.fc1) is nn.Linear
+    (decision,) = [d for d in fast.sparse_report.layers if d.name == "fc1"]
+    assert not decision.converted
+    assert str(dtype) in decision.reason

@@ -446,7 +446,10 @@ def _row_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tens
     return weights, others
 
 
-#: Bits per relative-index difference in :func:`row_encoding`: 4 for convolutions, 5 otherwise.
+#: Bits per relative-index difference in :func:`row_encoding`: 4 for convolutions, 5 otherwise (the
+#: figures this project's issue fixed; Deep Compression's paper stores 8-bit differences for conv
+#: layers and 5-bit ones for fully connected layers: pass ``index_bits`` to
+#: :func:`lightning_compress.functional.encoding.best_encoding` for another width).
 CONV_INDEX_BITS = 4
 LINEAR_INDEX_BITS = 5
 

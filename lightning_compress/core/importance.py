@@ -270,6 +270,11 @@ class ActivationImportance(Importance):
         """The per-input-channel statistic of one batch (default: mean ``|x|``). Override to change it."""
         return channel_mean_abs(x, channel_dim)
 
+    @staticmethod
+    def channel_scale(mean_statistic: Tensor) -> Tensor:
+        """What multiplies ``|w|`` per input channel, from the window's mean statistic (default: as is)."""
+        return mean_statistic
+
     def _hook(self, targets: list[TargetParam]) -> Callable[..., None]:
         statistic = self.statistic
 
@@ -344,7 +349,7 @@ class ActivationImportance(Importance):
             if s is None or t.kind == "Embedding":
                 out.append(magnitude_score(p))
                 continue
-            mean = s / self.counts[t.param]
+            mean = self.channel_scale(s / self.counts[t.param])
             groups = self._groups.get(t.param, 1)
             c_out, c_in_g = p.shape[0], p.shape[1]
             if groups > 1:

@@ -247,8 +247,22 @@ class MaskSet:
         return None
 
     def counts(self) -> dict[str, tuple[int, int]]:
-        """``{name: (pruned, total)}`` per mask. Synchronises with the device: call off the hot path."""
-        return {name: (int(m.numel() - m.sum()), m.numel()) for name, m in self._masks.items()}
+        """``{name: (pruned, total)}`` per mask. One device synchronisation: call off the hot path."""
+        if not self._masks:
+            return {}
+        kept = torch.stack([m.sum() for m in self._masks.values()]).tolist()
+        return {name: (m.numel() - int(k), m.numel()) for (name, m), k in zip(self._masks.items(), kept)}
+
+    def layer_sparsity(self) -> tuple[float, dict[str, float]]:
+        """Overall sparsity and sparsity per module (parameters of one module, e.g. q/k/v, pooled)."""
+        per_module: dict[str, list[int]] = {}
+        for name, (pruned, total) in self.counts().items():
+            acc = per_module.setdefault(name.rpartition(".")[0], [0, 0])
+            acc[0] += pruned
+            acc[1] += total
+        total = sum(t for _, t in per_module.values())
+        overall = sum(z for z, _ in per_module.values()) / total if total else 0.0
+        return overall, {m: z / t for m, (z, t) in per_module.items()}
 
     def sparsity(self) -> float:
         """Fraction of masked-out entries over all masks (0.0 when empty)."""

@@ -15,8 +15,9 @@ sparsity, batch 1 and 64, 1 and 2 threads). For ``y = x W^T + b`` with ``W`` in 
 * ``torch.sparse.addmm(b[:, None], W_csr, x.t()).t()`` (CSR @ dense, bias fused, the result
   returned as a transposed view) was the fastest variant everywhere: e.g. 300x784 at 98 %,
   batch 64, 1 thread: 70 us vs 330 us dense.
-* The same followed by ``.contiguous()`` costs ~20 % more at batch 64; ``torch.sparse.mm`` plus a
-  separate bias add ~5 % more.
+* The same followed by ``.contiguous()`` costs ~20 % more at batch 64, and is what ``SparseLinear``
+  does: a transposed view broke models that call ``.view()`` on a Linear's output;
+  ``torch.sparse.mm`` plus a separate bias add ~5 % more.
 * ``F.linear(x, W_csr, b)`` / ``torch.addmm(b, x, W_csr.t())`` (dense @ CSR^T): up to 3x slower
   at batch 64.
 * ``x @ W^T`` with ``W^T`` stored as CSR (dense @ CSR): 5-70x slower; COO: 2-35x slower except on
@@ -84,10 +85,9 @@ class SparseLinear(nn.Module):
     ``Parameter``: it is meant for inference (``torch.no_grad`` or not; gradients still flow to
     the *input*, never to the weights). Use :meth:`to_dense` to get a trainable ``nn.Linear`` back.
 
-    Inputs of shape ``(*, in_features)`` give outputs ``(*, out_features)``. For 2-D inputs the
-    output is a transposed view of the kernel's ``(out_features, N)`` result (a copy into row-major
-    order would cost ~20 % at batch 64, and a following SparseLinear wants exactly this layout):
-    call ``.contiguous()`` on it before ``.view()``.
+    Inputs of shape ``(*, in_features)`` give outputs ``(*, out_features)``, row-major like
+    ``nn.Linear``'s (the kernel's ``(out_features, N)`` result is copied: ~20 % of the layer's time
+    at batch 64, so that ``.view()`` on the output works as with the dense layer).
 
     Args:
         in_features: Size of each input sample.
@@ -241,10 +241,11 @@ class SparseLinear(nn.Module):
             row = x2[0]
             y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)).unsqueeze(0)
         elif bias_column is None:
-            y = torch.sparse.mm(weight, x2.t()).t()
+            y = torch.sparse.mm(weight, x2.t()).t().contiguous()
         else:
             # The bias column broadcasts over the batch inside the kernel (no separate add).
-            y = torch.sparse.addmm(bias_column, weight, x2.t()).t()
+            # Row-major output, like nn.Linear's: code that calls .view() on it keeps working.
+            y = torch.sparse.addmm(bias_column, weight, x2.t()).t().contiguous()
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(
@@ -456,6 +457,15 @@ def _describe(name: str, module: nn.Linear, nnz: int) -> str:
     return f"{name} ({shape}, {numel:,} weights, sparsity {1 - nnz / numel:.1%})"
 
 
+def _csr_unsupported(weight: Tensor) -> str | None:
+    """Why the CSR kernels cannot run this weight here, or ``None`` (checked before anything changes)."""
+    if weight.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+        return f"kept dense: torch's CPU CSR kernels do not support {weight.dtype} (use float32)"
+    if weight.device.type not in ("cpu", "cuda"):
+        return f"kept dense: no CSR kernels on device {weight.device.type!r}"
+    return None
+
+
 def to_sparse(
     model: nn.Module,
     example_input: Any = None,
@@ -479,8 +489,11 @@ def to_sparse(
     ``torch.get_num_threads()``: after ``warmup`` untimed calls, the median of ``repeats`` timed
     calls, measured dense, CSR, CSR, dense (ABBA, so a drift of the machine's speed cancels) and
     averaged per path. **Rule: a layer is converted only if CSR is faster at every batch size**;
-    otherwise it stays dense. Layers are measured first and swapped together at the end, so an
-    error leaves the model unchanged.
+    otherwise it stays dense. Layers are measured first and swapped together at the end; with
+    ``inplace=True`` an error while running ``example_input`` on the converted model puts the
+    dense layers back before it propagates, so an error leaves the model unchanged. Layers whose
+    dtype / device torch's CSR kernels do not support (bf16 / fp16 on CPU) stay dense, with the
+    reason in the report.
 
     Candidates are the layers named in ``layers`` if given, else every ``nn.Linear`` whose weight
     has sparsity (fraction of exact zeros) ``>= min_sparsity`` and at least ``min_numel``
@@ -603,6 +616,10 @@ def to_sparse(
                 else f"below the thresholds (min_sparsity {min_sparsity:g}, min_numel {min_numel})"
             )
             continue
+        unsupported = _csr_unsupported(weight)
+        if unsupported:
+            decision.reason = unsupported
+            continue
         dense = target_modules[name]
         sparse = SparseLinear.from_linear(dense)
         if force:
@@ -641,19 +658,28 @@ def to_sparse(
 
     # Swap under every name the module is registered with (shared modules).
     originals = {id(target_modules[n]): n for n in replacements}
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in list(target.modules()):
         # _modules, not named_children(): the latter lists a child registered twice only once.
         for child_name, child in list(parent._modules.items()):
             name = originals.get(id(child))
             if name is not None:
                 setattr(parent, child_name, replacements[name])
+                swapped.append((parent, child_name, child))
                 flags[replacements[name]] = flags.get(child, True)
 
     report = SparseReport(cls, threads, sizes, force, decisions)
     if example_input is not None:
         target.eval()
-        with torch.no_grad():
-            report.max_abs_diff = _max_abs_diff(reference, _run(target, example_input))
+        try:
+            with torch.no_grad():
+                report.max_abs_diff = _max_abs_diff(reference, _run(target, example_input))
+        except Exception:
+            for parent, child_name, child in swapped:  # put the dense layers back: nothing half-applied
+                setattr(parent, child_name, child)
+            for m in target.modules():
+                m.training = flags.get(m, m.training)
+            raise
     for m in target.modules():
         m.training = flags.get(m, m.training)
     target.sparse_report = report

@@ -148,7 +148,7 @@ def energy_aware_masks(
     order = torch.sort(ratio, stable=True).indices
     cum = torch.cumsum(torch.cat(cand_cost)[order], 0)
     # First position whose cumulative cost reaches the target (a hair below it, against rounding).
-    crossing = int(torch.searchsorted(cum, torch.tensor([energy * (1 - 1e-12)], dtype=cum.dtype)))
+    crossing = int(torch.searchsorted(cum, cum.new_tensor([energy * (1 - 1e-12)])))
     taken = order[: min(crossing + 1, order.numel())]
     seg = torch.cat(segment)[taken]
     if selection_scores is None:
@@ -204,24 +204,10 @@ class OutputErrorImportance(ActivationImportance):
         return channel_mean_square(x, channel_dim)
 
     @override
-    def scores(self, step: int) -> list[Tensor]:
-        out = []
-        for t, p in zip(self.targets, self.params):
-            s = self.sums.get(t.param)
-            if s is None or t.kind == "Embedding":
-                out.append(magnitude_score(p))
-                continue
-            rms = (s / self.counts[t.param]).clamp_min(0).sqrt()
-            groups = self._groups.get(t.param, 1)
-            c_out, c_in_g = p.shape[0], p.shape[1]
-            if groups > 1:  # input channel of w[o, j] is g(o) * C_in/groups + j
-                scale = rms.view(groups, 1, c_in_g).expand(groups, c_out // groups, c_in_g)
-                scale = scale.reshape(c_out, c_in_g)
-            else:
-                scale = rms.view(1, c_in_g)
-            scale = scale.view(*scale.shape, *([1] * (p.dim() - 2)))
-            out.append(p.detach().abs() * scale.to(p.dtype))
-        return out
+    @staticmethod
+    @override
+    def channel_scale(mean_statistic: Tensor) -> Tensor:
+        return mean_statistic.clamp_min(0).sqrt()  # sqrt(E[x_j^2])
 
 
 # ---------------------------------------------------------------------------- callback
@@ -675,10 +661,8 @@ class EnergyAwarePruning(GradualPruning):
     def _refresh_stats(self) -> None:
         if not len(self.masks) or not self._costs:
             return
-        counts = self.masks.counts()
-        self.sparsity = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
+        self.sparsity, self.layer_sparsity = self.masks.layer_sparsity()
         self.applied_sparsity = self.sparsity  # (the base class resets optimizer state when > 0)
-        self.layer_sparsity = {n.rsplit(".", 1)[0]: z / t for n, (z, t) in counts.items()}
         self.energy_reduction = self._removed_pj() / self._dense_pj if self._dense_pj > 0 else 0.0
 
     # ------------------------------------------------------------------ checkpointing

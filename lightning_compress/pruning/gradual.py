@@ -356,14 +356,7 @@ class GradualPruning(CompressionCallback):
             if trainer is not None:
                 self._clean_optimizer_state(trainer)
             self.applied_sparsity = target
-            counts = self.masks.counts()
-            self.sparsity = sum(z for z, _ in counts.values()) / sum(t for _, t in counts.values())
-            per_module: dict[str, list[int]] = {}
-            for n, (z, t) in counts.items():  # several targeted parameters may share a module (q/k/v)
-                acc = per_module.setdefault(n.rsplit(".", 1)[0], [0, 0])
-                acc[0] += z
-                acc[1] += t
-            self.layer_sparsity = {m: z / t for m, (z, t) in per_module.items()}
+            self.sparsity, self.layer_sparsity = self.masks.layer_sparsity()
             self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
         self.importance.reset()

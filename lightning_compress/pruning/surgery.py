@@ -35,7 +35,8 @@ def surgery_thresholds(mu: float, sigma: float, c: float) -> tuple[float, float]
 
     with :math:`\mu`, :math:`\sigma` the mean and standard deviation of ``|W|`` when surgery started.
     """
-    t = max(mu + c * sigma, 0.0)
+    t = mu + c * sigma
+    t = t if t > 0.0 else 0.0  # also a NaN (c = -inf with sigma = 0): prune nothing
     return LOW * t, HIGH * t
 
 
@@ -202,10 +203,13 @@ class DynamicNetworkSurgery(CompressionCallback):
     like global magnitude pruning (a small classifier keeps more of its larger weights);
     ``"shared_c"`` the paper's single ``c`` for every layer (per-layer statistics then make every
     layer about equally sparse); ``"local"`` one ``c`` per layer, every layer at the target. With
-    ``"global"`` / ``"shared_c"`` the ``min_density`` floor keeps a layer's top entries. Each update
-    lands exactly on the scheduled sparsity; the masks still splice and prune within the band, and
-    ``c`` converges as the
-    weights settle (its value is logged as ``dns/c``). ``schedule`` / ``end`` ramp the calibrated
+    ``"global"`` / ``"shared_c"`` the ``min_density`` floor keeps a layer's top entries. A
+    calibration (every ``calibrate_every``-th update, and always right before ``stop``) lands
+    exactly on the scheduled sparsity; the updates in between keep its thresholds fixed, as the
+    paper does, so the sparsity drifts a little with the weights until the next one. The masks
+    splice and prune within the band throughout, and ``c`` converges as the weights settle (logged
+    as ``dns/c`` for ``"shared_c"``, ``dns/threshold`` for ``"global"``, ``dns/c/<layer>`` with
+    ``log_per_layer``). ``schedule`` / ``end`` ramp the calibrated
     sparsity (e.g. ``"cubic"`` from 0 at ``start`` to ``target_sparsity`` at ``end``) so that a
     network trained from scratch is not cut to its final size on its first step; with
     ``schedule="constant"`` the target applies from ``start``, as in the paper's fine-tuning
@@ -278,7 +282,14 @@ class DynamicNetworkSurgery(CompressionCallback):
                 for key, value in c.items():
                     if not isinstance(key, str) or not key:
                         raise ValueError(f"`c` key {key!r} is not supported; expected an fnmatch pattern.")
-                    check_number(f"c[{key!r}]", value)
+                    if (
+                        not isinstance(value, (int, float))
+                        or isinstance(value, bool)
+                        or not math.isfinite(value)
+                    ):
+                        raise ValueError(
+                            f"`c[{key!r}]`={value!r} is not supported; expected a finite number."
+                        )
                 self.c = {k: float(v) for k, v in c.items()}
             else:
                 if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c):
@@ -298,8 +309,8 @@ class DynamicNetworkSurgery(CompressionCallback):
                 high_open=True,
             )
         )
-        self.gamma = check_number("gamma", gamma, low=0.0)
-        self.power = check_number("power", power, low=0.0)
+        self.gamma = check_number("gamma", gamma, low=0.0, high=math.inf, high_open=True)
+        self.power = check_number("power", power, low=0.0, high=math.inf, high_open=True)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.calibration = check_choice("calibration", calibration, CALIBRATIONS)
         self.min_density = check_number("min_density", min_density, 0.0, 1.0, high_open=True)
@@ -336,9 +347,12 @@ class DynamicNetworkSurgery(CompressionCallback):
         self.current_c: float | dict[str, float] | None = None
         self.layer_sparsity: dict[str, float] = {}
         self._updated_this_batch = False
+        self._c_per_param: dict[str, float] = {}
         self._thresholds: list[float] = []  # of the last calibration: hints for the next one
         self._since_calibration = 0  # updates with fixed thresholds since the last calibration
         self._pending: set[str] = set()  # new masks not yet applied to the parameters
+        self._open = False  # the dense W is in the parameters (between the two constraints)
+        self._counts_stale = False
         self._root: nn.Module | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -362,8 +376,7 @@ class DynamicNetworkSurgery(CompressionCallback):
             root, self.targets, self.exclude, self.include_embeddings, owner=self.name
         )
         self.param_names = [t.param for t in self.target_params]
-        if isinstance(self.c, dict):
-            self._layer_c()  # every layer must match a pattern: fail before training
+        self._c_per_param = self._layer_c() if isinstance(self.c, dict) else {}  # fails before training
         return list(dict.fromkeys(t.module for t in self.target_params))
 
     def _layer_c(self) -> dict[str, float]:
@@ -450,7 +463,9 @@ class DynamicNetworkSurgery(CompressionCallback):
             for name in self.param_names:
                 w = self.masks.parameter(name).detach()
                 self.dense[name] = w.clone()
-                sigma, mu = torch.std_mean(w.abs().float(), correction=0)
+                magnitude = w.abs().float().flatten()
+                nonzero = magnitude[magnitude != 0]  # as the authors' code: statistics of the live weights
+                sigma, mu = torch.std_mean(nonzero if nonzero.numel() else magnitude, correction=0)
                 self.stats[name] = (float(mu), float(sigma))
         self.started = True
         if self.engine is not None:
@@ -459,6 +474,7 @@ class DynamicNetworkSurgery(CompressionCallback):
     def freeze(self) -> None:
         """Stop the surgery: masks fixed, dense copy dropped, plain masked training from here on."""
         # The parameters hold W * T already (they do outside every optimizer step).
+        self._refresh_counts()
         self.dense = {}
         self.frozen = True
         self._clean_optimizer_state()
@@ -480,7 +496,7 @@ class DynamicNetworkSurgery(CompressionCallback):
     def _band(self, name: str, index: int) -> tuple[float, float]:
         """``(a, b)`` of layer ``name``: from ``c`` as given, or from the last calibration."""
         if self.target_sparsity is None:
-            c = self._layer_c()[name] if isinstance(self.c, dict) else self.c
+            c = self._c_per_param[name] if isinstance(self.c, dict) else self.c
             return surgery_thresholds(*self.stats[name], c)
         t = self._thresholds[index]
         if self.calibration == "global":  # t is a magnitude: |w| / 0.9 or |w| / 1.1 against t
@@ -546,11 +562,15 @@ class DynamicNetworkSurgery(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._updated_this_batch:
+        if self._open:  # the dense W went in, but no optimizer step took it out (a skipped step)
+            self._pending.update(self.param_names)
+            self._open = False
+        if self._updated_this_batch or self._pending:
             self._updated_this_batch = False
             self._set_weights()
-            self._refresh_counts()
+            self._counts_stale = True
         if self.started and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._refresh_counts()
             total = self.spliced_total
             spliced, self._spliced_logged = total - self._spliced_logged, total
             pl_module.log("sparsity", self.sparsity, on_step=True, on_epoch=False)
@@ -561,6 +581,8 @@ class DynamicNetworkSurgery(CompressionCallback):
             elif isinstance(self.current_c, dict) and self.log_per_layer:
                 for name, value in self.current_c.items():
                     pl_module.log(f"dns/c/{name.rpartition('.')[0]}", value, on_step=True, on_epoch=False)
+            if self.calibration == "global" and self._thresholds and self.target_sparsity is not None:
+                pl_module.log("dns/threshold", max(self._thresholds), on_step=True, on_epoch=False)
             if self.log_per_layer:
                 for name, value in self.layer_sparsity.items():
                     pl_module.log(f"sparsity/{name}", value, on_step=True, on_epoch=False)
@@ -580,15 +602,14 @@ class DynamicNetworkSurgery(CompressionCallback):
             torch._foreach_copy_(params, torch._foreach_mul([self.dense[n] for n in names], masks))
 
     def _refresh_counts(self) -> None:
-        counts = self.masks.counts()
-        total = sum(t for _, t in counts.values())
-        self.sparsity = sum(z for z, _ in counts.values()) / total if total else 0.0
-        per_module: dict[str, list[int]] = {}
-        for n, (z, t) in counts.items():
-            acc = per_module.setdefault(n.rsplit(".", 1)[0], [0, 0])
-            acc[0] += z
-            acc[1] += t
-        self.layer_sparsity = {m: z / t for m, (z, t) in per_module.items()}
+        """``sparsity`` / ``layer_sparsity`` from the masks (one sync; only on log steps and at the end)."""
+        if self._counts_stale:
+            self._counts_stale = False
+            self.sparsity, self.layer_sparsity = self.masks.layer_sparsity()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refresh_counts()
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -635,6 +656,7 @@ class DynamicNetworkSurgery(CompressionCallback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._refresh_counts()
         return {
             "masks": self.masks.state_dict(),
             "dense": {n: t.detach().cpu().clone() for n, t in self.dense.items()},
@@ -697,7 +719,13 @@ class _RestoreDense(Constraint):
         plist, dlist, _ = self._pairs(params)
         if not plist:
             return None
-        return lambda: torch._foreach_copy_(plist, dlist)
+        dns = self.dns
+
+        def run() -> None:
+            torch._foreach_copy_(plist, dlist)
+            dns._open = True
+
+        return run
 
     @override
     def verify(self) -> None:
@@ -719,9 +747,12 @@ class _KeepDense(_RestoreDense):
 
         pending, names = self.dns._pending, set(self._names(params))
 
+        dns = self.dns
+
         def run() -> None:
             torch._foreach_copy_(dlist, plist)
             torch._foreach_mul_(plist, mlist)
+            dns._open = False
             if pending:  # new masks are applied to these parameters now
                 pending.difference_update(names)
 

@@ -233,7 +233,7 @@ class CompressionSummary:
     per sample), ``dense_bytes``, ``sparse_bytes`` and ``compression_ratio``
     (``dense_bytes / sparse_bytes``), ``encoded_bytes`` (every row in its best encoding), and the
     energy estimates ``energy_pj`` (dense), ``compressed_energy_pj`` (as stored) and
-    ``energy_reduction`` (their ratio), summed over the rows that have one (Linear / Conv layers
+    ``energy_ratio`` (their ratio), summed over the rows that have one (Linear / Conv layers
     the forward ran; ``None`` when there is none, e.g. without an example input).
     """
 
@@ -324,7 +324,7 @@ class CompressionSummary:
         return _sum_known([layer.compressed_energy_pj for layer in self.layers])
 
     @property
-    def energy_reduction(self) -> float | None:
+    def energy_ratio(self) -> float | None:
         """``energy_pj / compressed_energy_pj`` (``inf`` if compressed is 0, ``None`` if unknown)."""
         dense, compressed = self.energy_pj, self.compressed_energy_pj
         if dense is None or compressed is None:
@@ -342,7 +342,7 @@ class CompressionSummary:
         return dense / sparse
 
     def totals(self) -> dict[str, Any]:
-        """Return the totals as a dictionary (``compression_ratio``, ``energy_reduction`` may be ``inf``)."""
+        """Return the totals as a dictionary (``compression_ratio``, ``energy_ratio`` may be ``inf``)."""
         return {
             "params": self.params,
             "nonzeros": self.nonzeros,
@@ -358,7 +358,7 @@ class CompressionSummary:
             "encoded_bytes": self.encoded_bytes,
             "energy_pj": self.energy_pj,
             "compressed_energy_pj": self.compressed_energy_pj,
-            "energy_reduction": self.energy_reduction,
+            "energy_ratio": self.energy_ratio,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,8 +369,8 @@ class CompressionSummary:
         """
         totals = self.totals()
         totals["compression_ratio"] = _finite_or_none(totals["compression_ratio"])
-        if totals["energy_reduction"] is not None:
-            totals["energy_reduction"] = _finite_or_none(totals["energy_reduction"])
+        if totals["energy_ratio"] is not None:
+            totals["energy_ratio"] = _finite_or_none(totals["energy_ratio"])
         return {
             "layers": [layer.to_dict() for layer in self.layers],
             "unattributed": dict(self.unattributed),
@@ -464,7 +464,7 @@ class CompressionSummary:
             dense, stored = format_energy(self.energy_pj), format_energy(self.compressed_energy_pj)
             notes.append(
                 f"Energy per sample (Yang et al. 2017 model, {self._energy_label}): {dense} dense, "
-                f"{stored} as stored ({_times(self.energy_reduction)} less)"
+                f"{stored} as stored ({_times(self.energy_ratio)} less)"
                 + ("; '-': not a Linear/Conv layer that ran." if unknown else ".")
             )
         encoded = self.encoded_bytes
