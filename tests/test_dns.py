@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 import lightning_compress as lc
-from lightning_compress.pruning.surgery import (
+from lightning_compress.functional.surgery import (
     critical_c,
     kth_smallest,
     surgery_mask,

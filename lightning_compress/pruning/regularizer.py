@@ -174,7 +174,10 @@ class SparsityRegularizer(CompressionCallback):
     DDP-averaged, AMP-unscaled, AMP-skipped steps excluded) and before ``optimizer.step()``. That
     makes it work unchanged with every optimizer (SGD, AdamW, ...), several optimizers (manual
     optimization), gradient accumulation (added once per optimizer step, exactly what a penalty in
-    the loss gives once the accumulated losses are averaged) and AMP, and lets it compose with
+    the loss gives once the accumulated losses are averaged) and AMP (one exception: with fp16 AMP
+    and an optimizer that unscales inside its own step, ``fused=True`` Adam / AdamW / SGD,
+    Lightning hands over still-scaled gradients, so the penalty acts divided by the loss scale;
+    use the default, non-fused optimizers or bf16), and lets it compose with
     :class:`~lightning_compress.pruning.gradual.GradualPruning`, whose ``mask_grads`` phase runs
     after it and zeroes the gradients of pruned entries. Gradients added:
 
