@@ -633,13 +633,7 @@ class EnergyAwarePruning(GradualPruning):
                 selection_scores=selection,
                 restore_fraction=self.restore_fraction,
             )
-            stepping = self.engine.current_optimizer if self.engine is not None else None
-            zero_now = None
-            if stepping is not None:
-                zero_now = [p for g in stepping.param_groups for p in g["params"]]
-            self.masks.update(dict(zip(self.param_names, new)), zero_now=zero_now)
-            if trainer is not None:
-                self._clean_optimizer_state(trainer)
+            self.apply_masks(new)
             self.applied_energy_reduction = target
             self._refresh_stats()
             self.debug(

@@ -348,19 +348,27 @@ class GradualPruning(CompressionCallback):
                 n_keep, m = self.nm
                 prune = min(math.floor(target * m + 1e-9), m - n_keep)
                 new = [nm_mask(s, n_keep, m, prune, prev) for s, prev in zip(scores, previous)]
-            stepping = self.engine.current_optimizer if self.engine is not None else None
-            zero_now = None
-            if stepping is not None:
-                zero_now = [p for g in stepping.param_groups for p in g["params"]]
-            self.masks.update(dict(zip(self.param_names, new)), zero_now=zero_now)
-            if trainer is not None:
-                self._clean_optimizer_state(trainer)
+            self.apply_masks(new)
             self.applied_sparsity = target
             self.sparsity, self.layer_sparsity = self.masks.layer_sparsity()
             self.debug(f"GradualPruning: step {step}: sparsity {self.sparsity:.4f} (target {target:.4f})")
         self.last_update_step = step
         self.importance.reset()
         self._next_update = sched.next_update(step + 1, self.schedule)
+
+    def apply_masks(self, new: list[Tensor]) -> None:
+        """Store new keep-masks (``param_names`` order), zero what they prune, clean optimizer state.
+
+        Weights of the optimizer stepping now are zeroed at once; the others lazily (see
+        :meth:`MaskSet.update`), so another network's autograd graph stays valid mid-step.
+        """
+        stepping = self.engine.current_optimizer if self.engine is not None else None
+        zero_now = None
+        if stepping is not None:
+            zero_now = [p for g in stepping.param_groups for p in g["params"]]
+        self.masks.update(dict(zip(self.param_names, new)), zero_now=zero_now)
+        if self._trainer is not None:
+            self._clean_optimizer_state(self._trainer)
 
     def _clean_optimizer_state(self, trainer: pl.Trainer) -> None:
         if len(self.masks):
