@@ -120,6 +120,10 @@ def test_checkpoint_is_compressed_and_loads_without_callback(tmp_path: Path, ent
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+#: What a process that aborts in its C++ teardown (a joinable gloo thread) prints.
+_EXIT_ABORT = "terminate called without an active exception"
+
+
 def _ddp_worker_state(tmp_path: Path, entry: Entry) -> list[dict[str, torch.Tensor]]:
     if entry.changes_structure:
         # ddp_spawn cannot carry a shape change back to the main process (refused, see below):
@@ -132,7 +136,8 @@ def _ddp_worker_state(tmp_path: Path, entry: Entry) -> list[dict[str, torch.Tens
             text=True,
             timeout=300,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        finished = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
+        assert proc.returncode == 0 or (finished and _EXIT_ABORT in proc.stderr), proc.stderr[-3000:]
     else:
         pl.seed_everything(0)
         model = entry.build_model()
@@ -143,7 +148,16 @@ def _ddp_worker_state(tmp_path: Path, entry: Entry) -> list[dict[str, torch.Tens
             strategy="ddp_spawn",
             max_epochs=8,
         )
-        tr.fit(model, tiny_data())
+        try:
+            tr.fit(model, tiny_data())
+        except torch.multiprocessing.ProcessExitedException as err:
+            # Rarely (~1 run in 100 on the 2-core CI machine) a gloo worker aborts at interpreter exit
+            # ("terminate called without an active exception"), after fit finished and every rank
+            # wrote its state: that is process teardown, not the technique. Anything earlier leaves
+            # a rank file missing and still fails here.
+            finished = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
+            if not (finished and err.signal_name == "SIGABRT"):
+                raise
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
