@@ -424,6 +424,10 @@ _DNS_BAD = [
 ]
 
 _ENERGY_BAD = [
+    (
+        {"restore": False, "restore_fraction": 1.0},
+        r"`restore_fraction`=1.0 has no effect with `restore`=False",
+    ),
     ({"target_energy_reduction": 1.0}, r"`target_energy_reduction`=1.0 is not supported"),
     ({"energy_table": {"fp32_mult": 3.7}}, r"`energy_table` is missing 'fp32_add'; expected all of"),
 ]
@@ -445,6 +449,7 @@ def _energy_check(target: float) -> Callable[[list[pl.Callback], nn.Module], Non
 
 
 _REGULARIZER_BAD = [
+    ({"l1": 1e-3, "end": 10}, r"`end`=10 has no effect with `schedule`='constant'"),
     ({"l1": 0.0, "group_lasso": 0.0}, r"`l1`=0.0 and `group_lasso`=0.0"),
     ({"l1": -1.0}, r"`l1`=-1.0 is not supported; expected a number"),
     ({"groups": "rows"}, r"`groups`='rows' is not supported; expected one of \['output', 'input', 'both'\]"),

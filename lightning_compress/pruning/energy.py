@@ -362,6 +362,11 @@ class EnergyAwarePruning(GradualPruning):
         self.restore = check_bool("restore", restore)
         self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
         self.restore_fraction = check_number("restore_fraction", restore_fraction, low=0.0)
+        if not self.restore and restore_fraction != 0.5:
+            raise ValueError(
+                f"`restore_fraction`={restore_fraction!r} has no effect with `restore`=False; "
+                "set restore=True or leave restore_fraction at its default."
+            )
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
             raise ValueError(f"`bits`={bits!r} is not supported; expected an int in [2, 32].")
         self.bits = bits

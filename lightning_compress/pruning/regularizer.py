@@ -280,6 +280,11 @@ class SparsityRegularizer(CompressionCallback):
                 "float fraction of training at which the full strength is reached (or schedule='constant')."
             )
         self.step_schedule = StepSchedule(start, end, check_int("frequency", frequency, minimum=1))
+        if schedule == "constant" and end is not None:
+            raise ValueError(
+                f"`end`={end!r} has no effect with `schedule`='constant' (full strength from `start`); "
+                "expected end=None, or a ramping schedule such as 'linear'."
+            )
         self.start, self.end, self.frequency = start, end, frequency
         self.scale_by_size = check_bool("scale_by_size", scale_by_size)
         self.eps = check_number("eps", eps, low=0.0, low_open=True)

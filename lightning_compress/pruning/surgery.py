@@ -178,6 +178,19 @@ class DynamicNetworkSurgery(CompressionCallback):
                         "{pattern: number} mapping."
                     )
                 self.c = float(c)
+        if self.c is not None:
+            calibration_only = {
+                "schedule": (schedule, "cubic"),
+                "end": (end, 0.5),
+                "calibration": (calibration, "global"),
+                "calibrate_every": (calibrate_every, 10),
+            }
+            given = [f"`{k}`={v!r}" for k, (v, default) in calibration_only.items() if v != default]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} only apply with `target_sparsity` (they ramp and calibrate c), but "
+                    f"`c`={c!r} was given; drop them, or give target_sparsity instead of c."
+                )
         self.target_sparsity = (
             None
             if self.c is not None
