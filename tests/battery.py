@@ -474,6 +474,8 @@ def _stack(*factories: Callable[[], pl.Callback]) -> Callable[..., list[pl.Callb
 _SCHED = {"start": 2, "end": 26, "frequency": 3}
 #: Surgery from step 2, ramp to the target by 12, masks fixed from 26 (updates with probability ~0.9).
 _DNS_SCHED = {"start": 2, "end": 12, "stop": 26, "gamma": 0.01}
+#: With a fixed c there is no ramp (`end` would be refused).
+_DNS_FIXED_C = {"start": 2, "stop": 26, "gamma": 0.01}
 
 
 def _dns_check(callbacks: list[pl.Callback], model: nn.Module) -> None:
@@ -541,7 +543,7 @@ REGISTRY: list[Entry] = [
     ),
     Entry(
         "dns-c-per-layer-bn-cnn",  # the paper's hand-set c (the rest is spliced/pruned by the band)
-        lambda **kw: [lc.DynamicNetworkSurgery(c={"conv*": 0.5, "*": 1.0}, **{**_DNS_SCHED, **kw})],
+        lambda **kw: [lc.DynamicNetworkSurgery(c={"conv*": 0.5, "*": 1.0}, **{**_DNS_FIXED_C, **kw})],
         _dns_check,
         model="bn-cnn",
     ),
