@@ -639,7 +639,6 @@ class _KeepDense(_RestoreDense):
             return None
 
         pending, names = self.dns._pending, set(self._names(params))
-
         dns = self.dns
 
         def run() -> None:
@@ -650,6 +649,10 @@ class _KeepDense(_RestoreDense):
                 pending.difference_update(names)
 
         return run
+
+    @override
+    def verify(self) -> None:
+        """Nothing: the paired :class:`_RestoreDense` checks the same parameters once per step."""
 
 
 def _renamed(target: TargetParam, new_param: str) -> TargetParam:
