@@ -118,7 +118,8 @@ def test_invalid_ops_change_nothing() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     bad = [
-        ({"op": "grow"}, r"expected a dict with 'op' in \['slice', 'replace'\]"),
+        ({"op": "grow"}, r"expected a dict with 'op' in \['slice', 'replace', 'add_bias'\]"),
+        ({"op": "add_bias", "module": "relu"}, r"'add_bias' needs the name of a Linear or Conv layer"),
         ({"op": "slice", "tensor": "fc9.weight", "dim": 0, "index": [0]}, r"no module 'fc9'"),
         (
             {"op": "slice", "tensor": "fc1.scale", "dim": 0, "index": [0]},

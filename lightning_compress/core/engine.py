@@ -189,7 +189,7 @@ class CompressionEngine(pl.Callback):
         self._handles: list[Any] = []
         self._toggle_ftz = False
         self._bound = False
-        self._pending: list[tuple[list[dict[str, Any]], str]] = []
+        self._pending: list[tuple[list[dict[str, Any]], str, bool]] = []
         self._replayed_from: str | None = None
         self._fit_global_step0 = 0
         self._fit_batches = 0
@@ -365,8 +365,8 @@ class CompressionEngine(pl.Callback):
                         handler(trainer, pl_module, total)
         if self._pending:
             pending, self._pending = self._pending, []
-            for ops, owner in pending:
-                self.change_structure(trainer, pl_module, ops, owner)
+            for ops, owner, carry_state in pending:
+                self.change_structure(trainer, pl_module, ops, owner, carry_state=carry_state)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -414,7 +414,9 @@ class CompressionEngine(pl.Callback):
         self._bound = False
 
     # ------------------------------------------------------------------ structure changes
-    def request_structure_change(self, ops: list[dict[str, Any]], owner: str) -> None:
+    def request_structure_change(
+        self, ops: list[dict[str, Any]], owner: str, carry_state: bool = True
+    ) -> None:
         """Queue structure-changing ops; they are applied at the end of the current batch.
 
         Use this from hooks that run inside ``optimizer.step()`` (``begin_step``): rebuilding the
@@ -425,10 +427,16 @@ class CompressionEngine(pl.Callback):
         if self._pl_module is None:
             raise RuntimeError("request_structure_change() needs a running fit.")
         validate_ops(self._pl_module, ops)
-        self._pending.append((ops, owner))
+        self._pending.append((ops, owner, carry_state))
 
     def change_structure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ops: list[dict[str, Any]], owner: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        ops: list[dict[str, Any]],
+        owner: str,
+        carry_state: bool = True,
+        rebuild: bool = True,
     ) -> list[Any]:
         """Apply structure-changing ops now (between steps) and tell every client.
 
@@ -436,12 +444,25 @@ class CompressionEngine(pl.Callback):
         the optimizers and LR schedulers carrying their state over, re-wraps DDP, records the ops in
         the structure recipe and publishes the :class:`~lightning_compress.core.surgery.StructureChange`
         events. Returns the events.
+
+        Args:
+            trainer: The running trainer.
+            pl_module: The LightningModule (op names are relative to it).
+            ops: Structure ops (see :mod:`lightning_compress.core.surgery`).
+            owner: Name of the technique, for messages.
+            carry_state: Carry optimizer state (momentum, Adam moments) over to the surviving entries;
+                ``False`` starts the rebuilt optimizers from empty state (for comparisons).
+            rebuild: Rebuild optimizers and schedulers at all (``False`` after training, e.g. layer
+                fusion at fit end).
         """
         from lightning_compress.core.surgery import apply_ops, rebuild_training_state, snapshot_training_state
 
-        snapshot = snapshot_training_state(trainer, pl_module)
+        snapshot = snapshot_training_state(trainer, pl_module) if rebuild else None
         changes = apply_ops(pl_module, ops)
-        rebuild_training_state(trainer, pl_module, snapshot, changes)
+        if snapshot is not None:
+            if not carry_state:
+                snapshot.opt_states = [{} for _ in snapshot.opt_states]
+            rebuild_training_state(trainer, pl_module, snapshot, changes)
         self.recipe.extend(ops)
         for client in self.clients:
             handler = getattr(client, "on_structure_change", None)

@@ -12,7 +12,9 @@ recipe*) and replayed on a fresh instance of the user's module:
   no ``from_module``). ``from_module`` keeps the old module's ``Parameter`` objects where shapes are
   kept, so an optimizer that holds them stays valid. Only classes registered with
   :func:`register_module_class` can be named, so a checkpoint cannot make the loader import and run
-  arbitrary code.
+  arbitrary code. ``torch.nn.Identity`` is registered (layer fusion replaces folded BatchNorms by it).
+* ``{"op": "add_bias", "module": "conv1"}``: give a Conv / Linear layer a zero ``bias`` if it has
+  none (layer fusion folds a BatchNorm's shift into it).
 
 During training :meth:`CompressionEngine.change_structure
 <lightning_compress.core.engine.CompressionEngine.change_structure>` applies ops between steps:
@@ -45,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = [
     "StructureChange",
     "apply_ops",
+    "channel_widths",
     "load_checkpoint",
     "read_recipe",
     "register_module_class",
@@ -53,6 +56,10 @@ __all__ = [
 ]
 
 _REGISTERED: dict[str, type[nn.Module]] = {}
+#: The op kinds a structure recipe may hold.
+OPS: tuple[str, ...] = ("slice", "replace", "add_bias")
+#: ``root.__dict__`` key of the layer widths before the first slice (see :func:`channel_widths`).
+_WIDTHS_KEY = "_lightning_compress_widths"
 
 
 def register_module_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -64,6 +71,41 @@ def register_module_class(cls: type[nn.Module]) -> type[nn.Module]:
         raise TypeError(f"register_module_class expects an nn.Module subclass, got {cls!r}.")
     _REGISTERED[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return cls
+
+
+register_module_class(nn.Identity)
+
+
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    """(output, input) width of a layer whose channels can be removed, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return int(module.out_features), int(module.in_features)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels), int(module.in_channels)
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return int(module.num_features), int(module.num_features)
+    return None
+
+
+def channel_widths(model: nn.Module) -> dict[str, dict[str, tuple[int, int]]]:
+    """Layers whose width was changed by structure ops applied to ``model`` (this process).
+
+    Returns:
+        ``{layer: {"out": (original, now), "in": (original, now)}}`` for every Linear, Conv or
+        BatchNorm layer whose output or input width differs from the width it had before the first
+        structure op touched it (ops applied by the engine during training or replayed by
+        :func:`load_checkpoint`).
+    """
+    before: dict[str, tuple[int, int]] = model.__dict__.get(_WIDTHS_KEY, {})
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, (out0, in0) in before.items():
+        try:
+            now = _widths(model.get_submodule(name))
+        except AttributeError:
+            continue
+        if now is not None and now != (out0, in0):
+            out[name] = {"out": (out0, now[0]), "in": (in0, now[1])}
+    return out
 
 
 def _resolve_class(class_path: str) -> type[nn.Module]:
@@ -132,8 +174,19 @@ def validate_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> None:
     """
     shapes: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
-        if not isinstance(op, dict) or op.get("op") not in ("slice", "replace"):
-            raise ValueError(f"structure op #{i} {op!r}: expected a dict with 'op' in ['slice', 'replace'].")
+        if not isinstance(op, dict) or op.get("op") not in OPS:
+            raise ValueError(f"structure op #{i} {op!r}: expected a dict with 'op' in {list(OPS)}.")
+        if op["op"] == "add_bias":
+            module_name = op.get("module")
+            try:
+                module = root.get_submodule(module_name) if isinstance(module_name, str) else None
+            except AttributeError:
+                module = None
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                raise ValueError(
+                    f"structure op #{i} {op!r}: 'add_bias' needs the name of a Linear or Conv layer."
+                )
+            continue
         if op["op"] == "slice":
             name, dim, index = op.get("tensor"), op.get("dim"), op.get("index")
             if not isinstance(name, str) or not isinstance(dim, int) or not isinstance(index, (list, tuple)):
@@ -173,6 +226,16 @@ def validate_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> None:
 def _sync_shape_attributes(module: nn.Module) -> None:
     """Update the attributes that describe a layer's shape from its (sliced) tensors."""
     weight = module._parameters.get("weight")
+    if (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and weight is not None
+        and not module.transposed
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+        and weight.shape[1] == 1
+    ):
+        # A depthwise conv (one filter per channel): removing a channel removes its group.
+        module.groups = int(weight.shape[0])
     if isinstance(module, nn.Linear) and weight is not None:
         module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
     elif isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
@@ -204,9 +267,24 @@ def apply_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> list[StructureC
     shapes_before = {n: tuple(p.shape) for n, p in root.named_parameters(remove_duplicate=False)}
     kept: dict[str, dict[int, list[int]]] = {}
     replaced_names: list[str] = []
+    widths: dict[str, tuple[int, int]] = root.__dict__.setdefault(_WIDTHS_KEY, {})
     for op in ops:
+        if op["op"] == "add_bias":
+            module = root.get_submodule(op["module"])
+            if module.bias is None:
+                weight = module.weight
+                size = (
+                    weight.shape[1] * module.groups
+                    if getattr(module, "transposed", False)
+                    else weight.shape[0]
+                )
+                module.bias = nn.Parameter(torch.zeros(size, dtype=weight.dtype, device=weight.device))
+            continue
         if op["op"] == "slice":
             module, attr, tensor = _tensor_owner(root, op["tensor"])
+            module_name = op["tensor"].rpartition(".")[0]
+            if module_name not in widths and _widths(module) is not None:
+                widths[module_name] = _widths(module)
             dim = op["dim"] % tensor.dim()
             index = list(op["index"])
             with torch.no_grad():
