@@ -5,6 +5,14 @@ Every public class is re-exported here, so LightningCLI resolves short names suc
 """
 
 from lightning_compress.core.callback import CompressionCallback, compression_root
+from lightning_compress.core.channel_importance import (
+    BNScaleImportance,
+    ChannelImportance,
+    FPGMImportance,
+    GroupTaylorImportance,
+    NormImportance,
+)
+from lightning_compress.core.channels import ChannelGroup, build_channel_groups
 from lightning_compress.core.cost import HOROWITZ_45NM, EnergyTable, LayerEnergy, energy_profile
 from lightning_compress.core.engine import CompressionEngine, Constraint, FunctionConstraint, get_engine
 from lightning_compress.core.importance import (
@@ -18,14 +26,21 @@ from lightning_compress.core.importance import (
 from lightning_compress.core.masks import MaskSet
 from lightning_compress.core.params import TargetParam, select_parameters
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
-from lightning_compress.core.surgery import StructureChange, load_checkpoint, register_module_class
+from lightning_compress.core.surgery import (
+    StructureChange,
+    channel_widths,
+    load_checkpoint,
+    register_module_class,
+)
 from lightning_compress.core.targets import select_modules
 from lightning_compress.export import SparseLinear, to_sparse
 from lightning_compress.pruning import (
     DynamicNetworkSurgery,
     EnergyAwarePruning,
     GradualPruning,
+    NetworkSlimming,
     SparsityRegularizer,
+    StructuredPruning,
 )
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
@@ -35,6 +50,9 @@ __all__ = [
     "HOROWITZ_45NM",
     "SCHEDULES",
     "ActivationImportance",
+    "BNScaleImportance",
+    "ChannelGroup",
+    "ChannelImportance",
     "CompressionCallback",
     "CompressionEngine",
     "CompressionReport",
@@ -43,21 +61,28 @@ __all__ = [
     "DynamicNetworkSurgery",
     "EnergyAwarePruning",
     "EnergyTable",
+    "FPGMImportance",
     "FunctionConstraint",
     "GradualPruning",
+    "GroupTaylorImportance",
     "Importance",
     "LAMPImportance",
     "LayerEnergy",
     "MagnitudeImportance",
     "MaskSet",
+    "NetworkSlimming",
+    "NormImportance",
     "RandomImportance",
     "SparseLinear",
     "SparsityRegularizer",
     "StepSchedule",
     "StructureChange",
+    "StructuredPruning",
     "TargetParam",
     "TaylorImportance",
     "__version__",
+    "build_channel_groups",
+    "channel_widths",
     "compression_root",
     "compression_summary",
     "energy_profile",

@@ -307,6 +307,9 @@ class Entry:
                 out.update({f"{i}:dense:{n}": t.cpu() for n, t in cb.dense.items()})
             elif isinstance(cb, ShrinkHidden):
                 out[f"{i}:kept"] = torch.tensor(cb.kept)
+            if isinstance(cb, lc.StructuredPruning):
+                out.update({f"{i}:removed:{k}": torch.tensor(v) for k, v in cb.removed.items()})
+                out.update({f"{i}:keep:{g.name}": k for g, k in zip(cb.groups, cb.keep)})
         return out
 
 
@@ -488,6 +491,65 @@ def _dns_check(callbacks: list[pl.Callback], model: nn.Module) -> None:
         assert not bool(root.get_parameter(name)[~cb.masks[name].cpu()].any())
 
 
+#: Hard prune at the schedule's end (step 26): after the crash-and-resume checkpoint (step 16).
+_STRUCT_LATE = {"start": 2, "end": 26, "frequency": 3}
+#: Hard prune at step 12: before that checkpoint (the resumed run replays the recipe).
+_STRUCT_EARLY = {"start": 2, "end": 10, "frequency": 3, "hard_prune_at": 12}
+
+_STRUCTURED_BAD = [
+    ({"target_ratio": 1.0}, r"`target_ratio`=1.0 is not supported; expected a number in \[0, 1\)"),
+    ({"target_macs": 0.0, "target_ratio": None}, r"`target_macs`=0.0 is not supported; expected a number in \(0, 1\]"),
+    ({"target_ratio": 0.5, "target_params": 0.5}, r"`target_ratio` and `target_params` were both given"),
+    ({"criterion": "l3"}, r"`criterion`='l3' is not supported; expected one of \['l1', 'l2', 'fpgm'"),
+    ({"scope": "layer"}, r"`scope`='layer' is not supported; expected one of \['global', 'local'\]"),
+    ({"hard_prune_at": "later"}, r"`hard_prune_at`='later' is not supported; expected 'end', an int"),
+    ({"hard_prune_at": 1.5}, r"`hard_prune_at`=1.5 is a float outside \[0, 1\]"),
+    ({"round_to": 0}, r"`round_to`=0 is not supported; expected an int >= 1"),
+    ({"schedule": "cosine"}, r"`schedule`='cosine' is not supported; expected one of \['constant'"),
+    ({"frequency": 0}, r"`frequency`=0 is not supported; expected an int >= 1"),
+    ({"carry_optimizer_state": "yes"}, r"`carry_optimizer_state`='yes' is not supported; expected true"),
+]
+
+_SLIMMING_BAD = [
+    ({"lam": -1.0}, r"`lam`=-1.0 is not supported; expected a number"),
+    ({"channel_ratio": 1.0}, r"`channel_ratio`=1.0 is not supported; expected a number in \[0, 1\)"),
+    ({"prune_at": "later"}, r"`prune_at`='later' is not supported; expected 'end', an int"),
+    ({"lam_schedule": "cosine"}, r"`lam_schedule`='cosine' is not supported; expected one of"),
+    ({"lam_end": 10}, r"`lam_end`=10 has no effect with `lam_schedule`='constant'"),
+]
+
+
+def _widths_of(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return module.num_features
+
+
+def _structured_check(ratio: float | None = None) -> Callable[[list[pl.Callback], nn.Module], None]:
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        root = compressed_root(model)
+        cb = next(c for c in callbacks if isinstance(c, lc.StructuredPruning))
+        assert cb.hard_pruned
+        assert not len(cb.masks)  # no per-step work after the hard prune
+        assert cb.removed, "no layer lost channels"
+        for layer, (original, kept) in cb.removed.items():
+            assert kept < original
+            assert _widths_of(root.get_submodule(layer)) == kept, layer
+        if ratio is not None:
+            assert abs(cb.channel_ratio - ratio) < 0.08, cb.channel_ratio
+        fresh = compressed_root(type(model)())
+        assert sum(p.numel() for p in root.parameters()) < sum(p.numel() for p in fresh.parameters())
+        training = model.training
+        model.eval()  # a train-mode forward would update BatchNorm statistics
+        with torch.no_grad():
+            assert model(torch.randn(3, 4, 6, 6)).shape == (3, 4)  # runs, keeps its classes
+        model.train(training)
+
+    return check
+
+
 REGISTRY: list[Entry] = [
     Entry(
         "gradual-magnitude-global",
@@ -620,6 +682,66 @@ REGISTRY: list[Entry] = [
         _stack(lambda **kw: ShrinkHidden(at=10, **kw)),
         _shrunk(16),
         model="wrapper",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "structured-l1-bn-cnn",  # soft masks through the resume checkpoint, hard prune at step 26
+        lambda **kw: [lc.StructuredPruning(**{"target_ratio": 0.5, **_STRUCT_LATE, **kw})],
+        _structured_check(0.5),
+        model="bn-cnn",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+        bad_args=_STRUCTURED_BAD,
+    ),
+    Entry(
+        "structured-taylor-resnet-early",  # hard prune at step 12, before the resume checkpoint
+        lambda **kw: [
+            lc.StructuredPruning(**{"target_ratio": 0.5, "criterion": "taylor", **_STRUCT_EARLY, **kw})
+        ],
+        _structured_check(0.5),
+        model="resnet",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "structured-fpgm-macs-tiny",  # a MACs budget, met through the cost model; conv -> flatten -> Linear
+        lambda **kw: [
+            lc.StructuredPruning(**{"target_macs": 0.6, "criterion": "fpgm", **_STRUCT_EARLY, **kw})
+        ],
+        _structured_check(),
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "structured-l2-local-wrapper-student",
+        lambda **kw: [
+            lc.StructuredPruning(
+                **{"target_ratio": 0.5, "criterion": "l2", "scope": "local", **_STRUCT_LATE, **kw}
+            )
+        ],
+        _structured_check(0.5),
+        model="wrapper",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "slimming-bn-cnn",  # L1 on BatchNorm scales, prune at step 20, fine-tune the slim net after
+        lambda **kw: [lc.NetworkSlimming(**{"lam": 1e-3, "channel_ratio": 0.5, "prune_at": 20, **kw})],
+        _structured_check(0.5),
+        model="bn-cnn",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+        bad_args=_SLIMMING_BAD,
+    ),
+    Entry(
+        "stacked-structured+gradual-bn-cnn",  # channels removed at 12, then unstructured pruning of the rest
+        _stack(
+            lambda **kw: lc.StructuredPruning(**{"target_ratio": 0.5, **_STRUCT_EARLY, **kw}),
+            lambda: lc.GradualPruning(target_sparsity=0.6, start=14, end=26, frequency=3),
+        ),
+        _both(_structured_check(0.5), _pruning_check(0.6)),
+        model="bn-cnn",
         loads_with="load_checkpoint",
         changes_structure=True,
     ),
