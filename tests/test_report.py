@@ -84,6 +84,9 @@ def test_to_dict_is_json_serialisable():
         # Best encoding: bitmask 128 + 64 x 32 bits of weight, then 16 x 32 bits of dense bias
         "encoding": "bitmask",
         "encoded_bytes": (128 + 64 * 32 + 16 * 32) // 8,
+        # Output width before / after structure ops: None for a layer they did not narrow.
+        "channels_original": None,
+        "channels_kept": None,
     }
     assert data["unattributed"] == {}
     assert data["batch_size"] == 1

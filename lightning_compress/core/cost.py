@@ -79,6 +79,8 @@ written once per layer). See :class:`LayerEnergy` for the assumptions.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -90,6 +92,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_compress.core.validation import check_int
 from lightning_compress.functional.encoding import best_encoding
 
 __all__ = [
@@ -106,6 +109,7 @@ __all__ = [
     "energy_profile",
     "is_cost_row",
     "layer_costs",
+    "measure_latency",
     "model_costs",
     "resolve_energy_table",
     "row_encoding",
@@ -161,6 +165,10 @@ class LayerCost:
             tensors differ; filled in by the summary, ``None`` from :func:`model_costs`.
         encoded_bytes: ``ceil(bits / 8)`` of all the row's parameters: the weights in
             ``encoding``, the biases dense fp32 (:func:`row_encoding`).
+        channels: ``(original, now)`` output width (out features / out channels / BatchNorm
+            features) of a layer whose output width structure ops changed
+            (:func:`~lightning_compress.core.surgery.channel_widths`); ``None`` when it is unchanged.
+            Filled in by the summary, ``None`` from :func:`model_costs`.
     """
 
     name: str
@@ -178,6 +186,7 @@ class LayerCost:
     compressed_energy_pj: float | None = None
     encoding: str | None = None
     encoded_bytes: int | None = None
+    channels: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain, JSON-serialisable dictionary."""
@@ -1214,3 +1223,98 @@ def energy_profile(
             "got None."
         )
     return _costs_and_energy(model, example_input, batch_size)[1]
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _batched(obj: Any, batch_size: int) -> Any:
+    """``obj`` with every tensor of at least one dim made ``batch_size`` copies of its first sample."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0:
+            return obj
+        return obj[:1].expand(batch_size, *obj.shape[1:]).contiguous()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_batched(o, batch_size) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _batched(v, batch_size) for k, v in obj.items()}
+    return obj
+
+
+def measure_latency(
+    model: nn.Module, example_input: Any, batch_size: int, repeats: int = 30, warmup: int = 5
+) -> float:
+    """Median wall-clock time of one forward pass of ``batch_size`` samples, in milliseconds.
+
+    The batch is built from the first sample of ``example_input``: every tensor with at least one
+    dim is taken to hold the batch on dim 0 and becomes ``batch_size`` copies of its first entry
+    (``t[:1].expand(batch_size, ...)``, made contiguous); 0-dim tensors and non-tensors are passed
+    as they are. The input goes to the device of the model's first parameter or buffer. The
+    forward runs in eval mode under :func:`torch.inference_mode` (every module's training flag is
+    restored afterwards), ``warmup`` times untimed, then ``repeats`` times, each timed with
+    :func:`time.perf_counter` (after a CUDA synchronize on a CUDA model). On the CPU the result
+    depends on :func:`torch.get_num_threads`.
+
+    Args:
+        model: The model to time.
+        example_input: A tensor, tuple/list of positional tensors or dict of keyword tensors with
+            at least one sample.
+        batch_size: Samples per timed forward, at least 1.
+        repeats: Timed forwards, at least 1; the median is returned.
+        warmup: Untimed forwards before them (allocator, caches, lazy init), at least 0.
+
+    Returns:
+        The median time of one forward in milliseconds.
+
+    Raises:
+        ValueError: If ``batch_size``, ``repeats`` or ``warmup`` is out of range, or
+            ``example_input`` holds no tensor or an empty batch.
+        TypeError: If ``model`` is not an :class:`torch.nn.Module`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    check_int("batch_size", batch_size, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    first = _first_tensor(example_input)
+    if first is None:
+        raise ValueError(
+            f"`example_input` must be a tensor, a tuple/list or a dict of tensors to time a forward pass, "
+            f"got {type(example_input).__name__}."
+        )
+    if first.dim() > 0 and first.shape[0] == 0:
+        raise ValueError(
+            f"`example_input` has an empty batch (dim 0 of its first tensor is 0, shape "
+            f"{tuple(first.shape)!r}); pass at least one sample."
+        )
+    device = _model_device(model)
+    batch = _batched(_to_device(example_input, device), batch_size)
+    cuda = device is not None and device.type == "cuda"
+
+    def forward() -> None:
+        if isinstance(batch, (tuple, list)):
+            model(*batch)
+        elif isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(batch)
+        if cuda:
+            torch.cuda.synchronize(device)  # kernels run asynchronously: time their completion
+
+    # Remember every module's own flag: a model may keep parts (a frozen teacher) in eval on purpose.
+    modes = [(module, module.training) for module in model.modules()]
+    times: list[float] = []
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for _ in range(warmup):
+                forward()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                forward()
+                times.append(time.perf_counter() - start)
+    finally:
+        for module, training in modes:
+            module.training = training
+    # The median, not the mean: one descheduled run must not move the figure.
+    return statistics.median(times) * 1000.0

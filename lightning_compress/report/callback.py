@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -10,12 +11,36 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from rich.console import Console
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core.validation import check_bool
 from lightning_compress.report.summary import CompressionSummary, compression_summary
 
 __all__ = ["CompressionReport"]
+
+
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` on the CPU, without its hooks.
+
+    Tensors on another device are copied straight to the CPU (through the deepcopy memo), so the
+    copy never needs a second set of weights on the accelerator. Hooks are left out: the baseline
+    is the plain network, and a hook that is a bound method of a callback would otherwise drag that
+    callback (and whatever it holds, such as the trainer) into the copy.
+    """
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            # torch keeps hooks in private dicts named `_forward_hooks`, `_state_dict_pre_hooks`, ...
+            if name.startswith("_") and "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    for param in module.parameters():
+        if param.device.type != "cpu":
+            memo[id(param)] = nn.Parameter(param.detach().to("cpu", copy=True), param.requires_grad)
+    for buffer in module.buffers():
+        if buffer.device.type != "cpu":
+            memo[id(buffer)] = buffer.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo).cpu()
 
 
 def _valid_shape(value: Any) -> bool:
@@ -32,8 +57,16 @@ class CompressionReport(pl.Callback):
     On global rank zero it builds :func:`~lightning_compress.report.compression_summary` of the
     LightningModule, prints it as a table, logs the totals to every logger (``compression/params``,
     ``compression/nonzeros``, ``compression/sparsity``, ``compression/ratio`` and, when known,
-    ``compression/effective_macs``) and saves a per-layer sparsity bar chart next to the logs.
-    When ``trainer.test`` runs without a preceding ``fit`` the report is made at the end of test.
+    ``compression/effective_macs``, ``compression/latency_ms`` and ``compression/speedup``) and
+    saves a per-layer sparsity bar chart next to the logs. When ``trainer.test`` runs without a
+    preceding ``fit`` the report is made at the end of test.
+
+    Latency: with ``latency_batch``, the summary times a forward of that many samples (see
+    :func:`~lightning_compress.report.compression_summary`). With ``compare_to_initial``, a CPU
+    copy of the LightningModule taken at ``on_fit_start`` (the model ``fit`` starts from: after a
+    ``ckpt_path`` restore for most strategies; without its hooks) is timed too, on the module's
+    device, as "before". The copy lives in a private attribute until the report and is never part
+    of the callback's state.
 
     Args:
         example_input_shape: Shape of a float input (batch included, e.g. ``[1, 1, 28, 28]``) for
@@ -42,6 +75,9 @@ class CompressionReport(pl.Callback):
         plot: Save the sparsity bar chart (needs matplotlib; skipped with a message without it).
         filename: Name of the PNG, relative to ``trainer.log_dir`` (or ``default_root_dir``).
         log_totals: Log the totals through ``trainer.loggers``.
+        latency_batch: Samples per timed forward; ``None`` measures no latency. Needs
+            ``example_input_shape`` or ``pl_module.example_input_array`` (checked at fit start).
+        compare_to_initial: With ``latency_batch``, also time the model as it was at fit start.
 
     Raises:
         ValueError: If an argument has the wrong type or value.
@@ -60,6 +96,8 @@ class CompressionReport(pl.Callback):
         plot: bool = True,
         filename: str = "compression_report.png",
         log_totals: bool = True,
+        latency_batch: int | None = None,
+        compare_to_initial: bool = True,
     ) -> None:
         super().__init__()
         if example_input_shape is not None and not _valid_shape(example_input_shape):
@@ -75,13 +113,24 @@ class CompressionReport(pl.Callback):
         ):
             raise ValueError(f"`filename` must be a string ending with '.png', got {filename!r}.")
         check_bool("log_totals", log_totals)
+        if latency_batch is not None and (
+            isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1
+        ):
+            raise ValueError(
+                f"`latency_batch`={latency_batch!r} is not supported; expected None (no latency "
+                "measured) or an int >= 1."
+            )
+        check_bool("compare_to_initial", compare_to_initial)
         self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
         self.plot = plot
         self.filename = filename
         self.log_totals = log_totals
+        self.latency_batch = latency_batch
+        self.compare_to_initial = compare_to_initial
         self.summary: CompressionSummary | None = None
         self.plot_path: str | None = None
         self._fitted = False
+        self._baseline: nn.Module | None = None
 
     def build_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CompressionSummary:
         """Build the summary to report; override to add inputs or post-process layers."""
@@ -89,12 +138,33 @@ class CompressionReport(pl.Callback):
             example = torch.zeros(self.example_input_shape, device=pl_module.device)
         else:
             example = pl_module.example_input_array
-        return compression_summary(pl_module, example)
+        baseline = self._baseline
+        if baseline is not None:
+            baseline = baseline.to(pl_module.device)  # time both models on the same device
+        return compression_summary(pl_module, example, latency_batch=self.latency_batch, baseline=baseline)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._baseline = None
+        if self.latency_batch is None:
+            return
+        if self.example_input_shape is None and pl_module.example_input_array is None:
+            # Fail now rather than after the whole fit, when the report would need it.
+            raise ValueError(
+                "`latency_batch` needs an example input: set `example_input_shape` or the "
+                "LightningModule's `example_input_array`."
+            )
+        if self.compare_to_initial:
+            # Every rank may copy (cheap, no collective); only rank zero reports and uses it.
+            self._baseline = _cpu_copy(pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitted = True
-        self._report(trainer, pl_module)
+        try:
+            self._report(trainer, pl_module)
+        finally:
+            self._baseline = None  # a model-sized copy: keep it no longer than the report
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,6 +192,10 @@ class CompressionReport(pl.Callback):
             }
             if summary.effective_macs is not None:
                 metrics["compression/effective_macs"] = float(summary.effective_macs)
+            if summary.latency_ms is not None:
+                metrics["compression/latency_ms"] = float(summary.latency_ms)
+            if summary.speedup is not None:
+                metrics["compression/speedup"] = float(summary.speedup)
             # `pl_module.log` is not allowed in on_fit_end, so go to the loggers directly.
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -20,9 +21,13 @@ from lightning_compress.core.cost import (
     EnergyTable,
     LayerCost,
     _costs_and_energy,
+    _model_device,
+    measure_latency,
     resolve_energy_table,
     row_encoding,
 )
+from lightning_compress.core.surgery import channel_widths
+from lightning_compress.core.validation import check_int
 
 __all__ = [
     "CompressionSummary",
@@ -30,6 +35,7 @@ __all__ = [
     "format_bytes",
     "format_count",
     "format_energy",
+    "format_ms",
     "shorten_name",
 ]
 
@@ -41,10 +47,13 @@ _NAME_TARGET = 40
 _MIN_NAME = 12
 #: Longest class name shown in the Type column before it is cut with an ellipsis.
 _MAX_KIND = 18
+#: Columns shown only when some row has a value for them.
+_OPTIONAL = frozenset({"channels"})
 #: (key, header, justify) in display order.
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("layer", "Layer", "left"),
     ("type", "Type", "left"),
+    ("channels", "Channels", "right"),
     ("params", "Params", "right"),
     ("nonzeros", "Non-zeros", "right"),
     ("sparsity", "Sparsity", "right"),
@@ -65,6 +74,7 @@ _DROP_ORDER = (
     "type",
     "ratio",
     "energy",
+    "channels",
     "sparse_bytes",
     "effective_macs",
 )
@@ -190,6 +200,26 @@ def _kind_cell(kind: str) -> str:
     return kind if len(kind) <= _MAX_KIND else kind[: _MAX_KIND - 1] + "…"
 
 
+def _channels_cell(channels: tuple[int, int] | None) -> str:
+    return "-" if channels is None else f"{channels[1]}/{channels[0]}"
+
+
+def format_ms(milliseconds: float) -> str:
+    """Milliseconds with three or more significant digits: ``0.123 ms``, ``4.10 ms``, ``123 ms``."""
+    if milliseconds >= 100:
+        return f"{milliseconds:.0f} ms"
+    if milliseconds >= 10:
+        return f"{milliseconds:.1f} ms"
+    if milliseconds >= 1:
+        return f"{milliseconds:.2f} ms"
+    return f"{milliseconds:.3f} ms"
+
+
+def _check_optional_positive(name: str, value: Any, meaning: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}`={value!r} is not supported; expected None ({meaning}) or an int >= 1.")
+
+
 class _FittingTable(Table):
     """A full :class:`~rich.table.Table` that lays itself out again for the width it is printed at.
 
@@ -225,6 +255,14 @@ class CompressionSummary:
             :class:`~lightning_compress.core.cost.ModelCost`). Marked ``?`` in the table.
         energy_table: The energy per operation the rows' ``energy_pj`` were computed with
             (:data:`~lightning_compress.core.cost.HOROWITZ_45NM` unless the user gave one).
+        latency_ms: Median time of one forward of ``latency_batch`` samples through the model,
+            in milliseconds (:func:`~lightning_compress.core.cost.measure_latency`); ``None`` when
+            no latency was measured.
+        baseline_latency_ms: The same for the baseline (uncompressed) model; ``None`` without one.
+        latency_batch: Samples per timed forward; ``None`` when no latency was measured.
+        latency_repeats: Timed forwards the medians are taken over; ``None`` likewise.
+        threads: :func:`torch.get_num_threads` during the timing; ``None`` likewise.
+        latency_device: Device the timed models ran on (``"cpu"``, ``"cuda:0"``); ``None`` likewise.
 
     The totals are properties: ``params``, ``nonzeros``, ``sparsity``, ``dense_macs`` and
     ``effective_macs`` (sums over ``layers``; ``None`` if any row's MACs are unknown),
@@ -234,7 +272,9 @@ class CompressionSummary:
     (``dense_bytes / sparse_bytes``), ``encoded_bytes`` (every row in its best encoding), and the
     energy estimates ``energy_pj`` (dense), ``compressed_energy_pj`` (as stored) and
     ``energy_ratio`` (their ratio), summed over the rows that have one (Linear / Conv layers
-    the forward ran; ``None`` when there is none, e.g. without an example input).
+    the forward ran; ``None`` when there is none, e.g. without an example input),
+    ``channels_removed`` (output channels structure ops removed, over all rows) and ``speedup``
+    (``baseline_latency_ms / latency_ms``).
     """
 
     layers: list[LayerCost] = field(default_factory=list)
@@ -242,6 +282,12 @@ class CompressionSummary:
     batch_size: int | None = None
     uncounted: dict[str, list[str]] = field(default_factory=dict)
     energy_table: EnergyTable = HOROWITZ_45NM
+    latency_ms: float | None = None
+    baseline_latency_ms: float | None = None
+    latency_batch: int | None = None
+    latency_repeats: int | None = None
+    threads: int | None = None
+    latency_device: str | None = None
 
     @property
     def _energy_label(self) -> str:
@@ -334,6 +380,24 @@ class CompressionSummary:
         return dense / compressed
 
     @property
+    def channels_removed(self) -> int:
+        """Output channels removed by structure ops, summed over the rows (0 when none were).
+
+        Every row counts, so a conv and the BatchNorm after it each add the channels they lost.
+        """
+        return sum(layer.channels[0] - layer.channels[1] for layer in self.layers if layer.channels)
+
+    @property
+    def speedup(self) -> float | None:
+        """``baseline_latency_ms / latency_ms`` (``inf`` if latency is 0); ``None`` without both."""
+        before, after = self.baseline_latency_ms, self.latency_ms
+        if before is None or after is None:
+            return None
+        if after == 0:
+            return 1.0 if before == 0 else math.inf
+        return before / after
+
+    @property
     def compression_ratio(self) -> float:
         """``dense_bytes / sparse_bytes``: 1.0 without layers, ``inf`` if every weight is zero."""
         dense, sparse = self.dense_bytes, self.sparse_bytes
@@ -342,7 +406,12 @@ class CompressionSummary:
         return dense / sparse
 
     def totals(self) -> dict[str, Any]:
-        """Return the totals as a dictionary (``compression_ratio``, ``energy_ratio`` may be ``inf``)."""
+        """Return the totals as a dictionary (the ratios and ``speedup`` may be ``inf``).
+
+        Besides the size, MAC and energy totals: ``channels_removed`` and the latency figures
+        ``latency_ms``, ``baseline_latency_ms``, ``speedup``, ``latency_batch``, ``latency_repeats``,
+        ``threads`` and ``latency_device`` (``None`` when no latency was measured).
+        """
         return {
             "params": self.params,
             "nonzeros": self.nonzeros,
@@ -359,20 +428,37 @@ class CompressionSummary:
             "energy_pj": self.energy_pj,
             "compressed_energy_pj": self.compressed_energy_pj,
             "energy_ratio": self.energy_ratio,
+            "channels_removed": self.channels_removed,
+            "latency_ms": self.latency_ms,
+            "baseline_latency_ms": self.baseline_latency_ms,
+            "speedup": self.speedup,
+            "latency_batch": self.latency_batch,
+            "latency_repeats": self.latency_repeats,
+            "threads": self.threads,
+            "latency_device": self.latency_device,
         }
 
     def to_dict(self) -> dict[str, Any]:
         """Return every field, JSON-ready, with full names; an infinite ratio becomes ``None``.
 
-        Keys: ``layers`` (each :meth:`LayerCost.to_dict`), ``unattributed``, ``batch_size``,
-        ``uncounted``, ``energy_table`` (picojoules per operation) and ``totals`` (:meth:`totals`).
+        Keys: ``layers`` (each :meth:`LayerCost.to_dict`, with ``channels`` given as
+        ``channels_original`` / ``channels_kept``: the output width before and after structure
+        ops, ``None`` for an unchanged layer), ``unattributed``, ``batch_size``, ``uncounted``,
+        ``energy_table`` (picojoules per operation) and ``totals`` (:meth:`totals`).
         """
         totals = self.totals()
         totals["compression_ratio"] = _finite_or_none(totals["compression_ratio"])
-        if totals["energy_ratio"] is not None:
-            totals["energy_ratio"] = _finite_or_none(totals["energy_ratio"])
+        for key in ("energy_ratio", "speedup"):
+            if totals[key] is not None:
+                totals[key] = _finite_or_none(totals[key])
+        layers = []
+        for layer in self.layers:
+            row = layer.to_dict()
+            channels = row.pop("channels")
+            row["channels_original"], row["channels_kept"] = channels if channels else (None, None)
+            layers.append(row)
         return {
-            "layers": [layer.to_dict() for layer in self.layers],
+            "layers": layers,
             "unattributed": dict(self.unattributed),
             "batch_size": self.batch_size,
             "uncounted": {name: list(ops) for name, ops in self.uncounted.items()},
@@ -388,6 +474,7 @@ class CompressionSummary:
             {
                 "layer": layer.name or "(root)",
                 "type": _kind_cell(layer.kind),
+                "channels": _channels_cell(layer.channels),
                 "params": f"{layer.params:,}",
                 "nonzeros": f"{layer.nonzeros:,}",
                 "sparsity": f"{layer.sparsity:.2%}",
@@ -414,6 +501,7 @@ class CompressionSummary:
         total = {
             "layer": "TOTAL",
             "type": "",
+            "channels": self._channels_total(),
             "params": f"{self.params:,}",
             "nonzeros": f"{self.nonzeros:,}",
             "sparsity": f"{self.sparsity:.2%}",
@@ -427,6 +515,27 @@ class CompressionSummary:
         }
         return rows, free, total
 
+    def _channels_total(self) -> str:
+        """Kept / original output channels summed over the layers structure ops narrowed."""
+        changed = [layer.channels for layer in self.layers if layer.channels]
+        if not changed:
+            return "-"
+        return f"{sum(now for _, now in changed)}/{sum(original for original, _ in changed)}"
+
+    def _latency_note(self) -> str | None:
+        """The footer line with the measured latencies, ``None`` when none was measured."""
+        if self.latency_ms is None:
+            return None
+        threads = "" if self.threads is None else f", {self.threads} thread{'s' if self.threads != 1 else ''}"
+        device = "" if self.latency_device in (None, "cpu") else f" on {self.latency_device}"
+        text = (
+            f"Latency{device} (batch {self.latency_batch}{threads}, median of {self.latency_repeats}): "
+            f"{format_ms(self.latency_ms)}"
+        )
+        if self.baseline_latency_ms is not None:
+            text += f" vs {format_ms(self.baseline_latency_ms)} before ({_times(self.speedup)})"
+        return text + "."
+
     def _table(self, width: int | None, table_type: type[Table] = Table, **kwargs: Any) -> Table:
         rows, free, total = self._cells()
         everything = [*rows, *free, total]
@@ -439,7 +548,8 @@ class CompressionSummary:
             # Every column has one cell of padding each side and one border; plus the last border.
             return name_width + sum(natural[k] for k in keys if k != "layer") + 3 * len(keys) + 1
 
-        keys = [key for key, _, _ in _COLUMNS]
+        shown = {"channels": any(layer.channels for layer in self.layers)}
+        keys = [key for key, _, _ in _COLUMNS if key not in _OPTIONAL or shown[key]]
         name_width = natural["layer"]
         hidden: list[str] = []
         if width is not None:
@@ -448,6 +558,8 @@ class CompressionSummary:
             for key in _DROP_ORDER:
                 if table_width(keys, wanted) <= width:
                     break
+                if key not in keys:
+                    continue
                 keys.remove(key)
                 hidden.append(key)
             room = width - table_width(keys, 0)
@@ -473,6 +585,11 @@ class CompressionSummary:
                 "Enc.: smallest weight format (dense, bitmask, CSR, Deep Compression relative index); "
                 f"all rows encoded: {format_bytes(encoded)}."
             )
+        if shown["channels"]:
+            notes.append(
+                "Channels: output channels kept/original of layers structure ops narrowed "
+                f"('-': unchanged); {self.channels_removed:,} removed in all."
+            )
         if free:
             notes.append("Rows with '-' params: MACs in modules without parameters; TOTAL includes them.")
         markers = {cells["dense_macs"] for cells in rows}
@@ -491,6 +608,9 @@ class CompressionSummary:
             fit = [f"hidden: {', '.join(headers[k] for k in hidden)}"] if hidden else []
             fit += ["names shortened with '…'"] if shortened else []
             notes.append(f"Fitted to {width} columns ({'; '.join(fit)}); to_dict() has every field.")
+        latency = self._latency_note()
+        if latency is not None:
+            notes.append(latency)
 
         table = table_type(
             title="Compression summary", caption="\n".join(notes), caption_justify="left", **kwargs
@@ -513,13 +633,14 @@ class CompressionSummary:
     def to_rich_table(self, width: int | None = None) -> Table:
         """Render the rows, the unattributed MACs and a TOTAL row as a :class:`rich.table.Table`.
 
-        The table fits ``width`` terminal columns: while it is too wide, columns are hidden in the
-        order Dense (bytes), Dense MACs, Non-zeros, Enc. (best encoding), Type, Ratio, Energy (as
-        stored), Sparse, Eff. MACs (Layer, Params and Sparsity always stay) until names of up to
-        40 characters fit; longer names are then shortened with a middle ellipsis that keeps their
-        last components (:func:`shorten_name`).
-        A caption says how MACs were counted and what was hidden. :meth:`to_dict` always has every
-        field and the full names.
+        The Channels column (output channels kept/original) is there only when structure ops
+        changed some layer's output width. The table fits ``width`` terminal columns: while it is
+        too wide, columns are hidden in the order Dense (bytes), Dense MACs, Non-zeros, Enc. (best
+        encoding), Type, Ratio, Energy (as stored), Channels, Sparse, Eff. MACs (Layer, Params and
+        Sparsity always stay) until names of up to 40 characters fit; longer names are then
+        shortened with a middle ellipsis that keeps their last components (:func:`shorten_name`).
+        A caption says how MACs were counted and what was hidden, and ends with the measured
+        latency when there is one. :meth:`to_dict` always has every field and the full names.
 
         Args:
             width: Terminal columns to fit. ``None`` returns the full table, which lays itself out
@@ -553,12 +674,35 @@ class CompressionSummary:
         return console.export_text(styles=False)
 
 
+def _paired_latency(
+    models: tuple[nn.Module, ...], example_input: Any, batch_size: int, repeats: int, warmup: int
+) -> list[float]:
+    """Median forward time of each model in ms, the timed runs alternating between the models.
+
+    Alternating puts both models under the same machine load, so a busy spell (another process on
+    the cores) slows both instead of skewing their ratio.
+    """
+    if warmup:
+        for model in models:
+            # One call of `warmup` forwards; its single timed run is discarded.
+            measure_latency(model, example_input, batch_size, repeats=1, warmup=warmup - 1)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for model, runs in zip(models, times):
+            runs.append(measure_latency(model, example_input, batch_size, repeats=1, warmup=0))
+    return [statistics.median(runs) for runs in times]
+
+
 def compression_summary(
     model: nn.Module,
     example_input: Any = None,
     *,
     batch_size: int | None = None,
     energy_table: EnergyTable | Mapping[str, float] | None = None,
+    latency_batch: int | None = None,
+    baseline: nn.Module | None = None,
+    latency_repeats: int = 30,
+    latency_warmup: int = 5,
 ) -> CompressionSummary:
     """Summarise parameters, non-zeros, MACs, storage and energy of ``model``'s rows.
 
@@ -579,6 +723,18 @@ def compression_summary(
     (:class:`~lightning_compress.core.cost.LayerEnergy`). Other rows, and every row without an
     example input, have ``None``.
 
+    Structure: every Linear / Conv / BatchNorm row whose output width structure ops
+    (:func:`~lightning_compress.core.surgery.apply_ops` on ``model``) changed gets ``channels =
+    (original, now)``, shown in a Channels column; ``channels_removed`` sums what was removed.
+
+    Latency: with ``latency_batch``, the median wall-clock time of one forward of that many samples
+    (copies of the example input's first sample) through ``model`` and, when given, through
+    ``baseline``, each in eval mode under :func:`torch.inference_mode` on its own device
+    (:func:`~lightning_compress.core.cost.measure_latency`); ``speedup`` is their ratio. With a
+    baseline, both are warmed up, then their timed runs alternate so that a busy machine slows
+    both alike. The figures depend on the machine and on :func:`torch.get_num_threads`, which is
+    recorded.
+
     Args:
         model: The model to analyse.
         example_input: A tensor, tuple/list of tensors or dict of tensors for one forward pass
@@ -591,13 +747,21 @@ def compression_summary(
             :data:`~lightning_compress.core.cost.HOROWITZ_45NM`, an
             :class:`~lightning_compress.core.cost.EnergyTable`, or a mapping that gives every
             entry. Checked before anything is measured.
+        latency_batch: Samples per timed forward; ``None`` measures no latency. Needs an example
+            input (or ``example_input_array``).
+        baseline: The uncompressed model to time the same way ("before"); ``None`` times only
+            ``model``. Needs ``latency_batch``.
+        latency_repeats: Timed forwards per model (the median is reported), at least 1.
+        latency_warmup: Untimed forwards per model before them, at least 0.
 
     Returns:
         The :class:`CompressionSummary`; ``print(summary)`` shows it as a table.
 
     Raises:
-        ValueError: If ``batch_size`` is not a positive int (see ``model_costs``) or
-            ``energy_table`` is invalid (the message names the entry).
+        ValueError: If ``batch_size`` is not a positive int (see ``model_costs``),
+            ``energy_table`` is invalid (the message names the entry), a latency argument is out
+            of range, ``baseline`` is given without ``latency_batch`` or ``latency_batch`` without
+            an example input. Every argument is checked before anything is measured.
 
     Example:
         >>> import torch
@@ -607,17 +771,37 @@ def compression_summary(
         (10, 8)
     """
     table = resolve_energy_table(energy_table)  # fail before measuring anything
+    _check_optional_positive("latency_batch", latency_batch, "no latency measured")
+    check_int("latency_repeats", latency_repeats, 1)
+    check_int("latency_warmup", latency_warmup, 0)
+    if baseline is not None and not isinstance(baseline, nn.Module):
+        raise ValueError(
+            f"`baseline`={type(baseline).__name__} is not supported; expected None or an nn.Module "
+            "(the uncompressed model)."
+        )
+    if baseline is not None and latency_batch is None:
+        # A baseline is only ever timed: silently ignoring it would hide a missing `latency_batch`.
+        raise ValueError(
+            "`baseline` is only used to measure latency; expected `latency_batch` (an int >= 1) with it."
+        )
     if example_input is None:
         candidate = getattr(model, "example_input_array", None)
         if isinstance(candidate, (torch.Tensor, tuple, list, dict)):
             example_input = candidate
+    if latency_batch is not None and example_input is None:
+        raise ValueError(
+            "`latency_batch` needs `example_input` (a tensor, tuple/list or dict of tensors, or the "
+            "model's `example_input_array`) to build the timed batch from; got None."
+        )
     cost, energies = _costs_and_energy(model, example_input, batch_size)
     energy = {layer.name: layer for layer in energies}
+    widths = channel_widths(model)
     modules = dict(model.named_modules())
     layers = []
     for row in cost.layers:
         encoding, encoded_bytes = row_encoding(modules[row.name])
         layer_energy = energy.get(row.name)
+        out = widths.get(row.name, {}).get("out")
         layers.append(
             replace(
                 row,
@@ -625,12 +809,28 @@ def compression_summary(
                 compressed_energy_pj=None if layer_energy is None else layer_energy.energy_pj(None, table),
                 encoding=encoding,
                 encoded_bytes=encoded_bytes,
+                # Only a changed output width counts: a layer whose inputs alone shrank lost no channel.
+                channels=out if out is not None and out[0] != out[1] else None,
             )
         )
-    return CompressionSummary(
+    summary = CompressionSummary(
         layers=layers,
         unattributed=cost.unattributed,
         batch_size=cost.batch_size,
         uncounted=cost.uncounted,
         energy_table=table,
     )
+    if latency_batch is not None:
+        if baseline is None:
+            summary.latency_ms = measure_latency(
+                model, example_input, latency_batch, repeats=latency_repeats, warmup=latency_warmup
+            )
+        else:
+            summary.baseline_latency_ms, summary.latency_ms = _paired_latency(
+                (baseline, model), example_input, latency_batch, latency_repeats, latency_warmup
+            )
+        summary.latency_batch = latency_batch
+        summary.latency_repeats = latency_repeats
+        summary.threads = torch.get_num_threads()
+        summary.latency_device = str(_model_device(model) or torch.device("cpu"))
+    return summary
