@@ -39,6 +39,8 @@ import lightning_compress
 import lightning_compress.demos
 import lightning_compress.pruning
 import lightning_compress.report  # noqa: F401
+from lightning_compress.core.engine import CHECKPOINT_KEY
+from lightning_compress.core.surgery import replay_recipe
 from lightning_compress.report import CompressionSummary, compression_summary
 
 __all__ = ["CompressionCLI", "main"]
@@ -127,6 +129,9 @@ def report(args: Sequence[str]) -> CompressionSummary:
         if not os.path.isfile(own.ckpt_path):
             parser.error(f"--ckpt_path={own.ckpt_path!r}: no such file")
         checkpoint = torch.load(own.ckpt_path, map_location="cpu", weights_only=True)
+        recipe = (checkpoint.get(CHECKPOINT_KEY) or {}).get("recipe", [])
+        if recipe:  # channels removed or modules swapped during training: rebuild that structure first
+            replay_recipe(model, recipe)
         model.load_state_dict(checkpoint["state_dict"])
     summary = compression_summary(model)
     Console().print(summary.to_rich_table())

@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+import lightning_compress as lc
 from lightning_compress.cli import CompressionCLI, main, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,27 @@ def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
     got = [type(cb).__name__ for cb in cli.trainer.callbacks]
     for name in wanted:
         assert name in got, (name, got)
+    dense_params = sum(p.numel() for p in cli.model.parameters())
     cli.trainer.fit(cli.model, cli.datamodule)
+    structured = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.StructuredPruning)]
+    if structured:  # channels removed physically: a smaller model
+        assert all(cb.hard_pruned for cb in structured)
+        assert sum(p.numel() for p in cli.model.parameters()) < 0.7 * dense_params
+        return
     weights = [m.weight for m in cli.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert _zero_fraction(weights) > 0.3  # every recipe prunes
+
+
+def test_fit_and_report_a_structured_recipe_rebuild_the_slim_model(tmp_path):
+    config = CONFIGS / "mlp_bn_network_slimming.yaml"
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *QUICK])
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["fc1.weight"].shape[0] + state["fc2.weight"].shape[0] == round(0.3 * 800)
+    # `report` replays the checkpoint's structure recipe before loading its weights
+    summary = report(["--config", str(config), "--ckpt_path", str(ckpt)])
+    assert summary.params == sum(
+        t.numel()
+        for k, t in state.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
