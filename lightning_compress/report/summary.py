@@ -381,11 +381,16 @@ class CompressionSummary:
 
     @property
     def channels_removed(self) -> int:
-        """Output channels removed by structure ops, summed over the rows (0 when none were).
+        """Output channels of Linear / Conv rows removed by structure ops (0 when none were).
 
-        Every row counts, so a conv and the BatchNorm after it each add the channels they lost.
+        Normalization rows (a BatchNorm after a conv) show their width too but are not counted
+        again: they lose the same channels as the layer they follow.
         """
-        return sum(layer.channels[0] - layer.channels[1] for layer in self.layers if layer.channels)
+        return sum(
+            layer.channels[0] - layer.channels[1]
+            for layer in self.layers
+            if layer.channels and not layer.kind.lower().startswith(("batchnorm", "layernorm", "groupnorm"))
+        )
 
     @property
     def speedup(self) -> float | None:
