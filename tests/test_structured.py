@@ -549,3 +549,11 @@ def test_gan_without_a_forward_is_refused_clearly(tmp_path: Path) -> None:
     model = GAN()
     with pytest.raises(ValueError, match=r"StructuredPruning needs the model's input to trace its channels"):
         trainer(tmp_path, [lc.StructuredPruning()], max_epochs=1).fit(model, real_data())
+
+
+def test_hard_prune_after_the_last_step_happens_at_the_last_step(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = SmallVGG(width=8)
+    sp = lc.StructuredPruning(target_ratio=0.5, start=0, end=2, frequency=1, hard_prune_at=1000)
+    trainer(tmp_path, [sp], max_epochs=1).fit(model, images())  # 4 steps
+    assert sp.hard_pruned

@@ -388,7 +388,11 @@ class StructuredPruning(CompressionCallback):
         assert end is not None
         if self.hard_schedule is None:
             return end
-        return max(int(self.hard_schedule.start_step or 0), end)
+        hard = max(int(self.hard_schedule.start_step or 0), end)
+        total = self.step_schedule.total
+        if total is not None and hard > int(total) - 1:
+            hard = max(int(total) - 1, end)  # after the last step: remove the channels at the last one
+        return hard
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
