@@ -42,6 +42,7 @@ from lightning_compress.pruning import (
     SparsityRegularizer,
     StructuredPruning,
 )
+from lightning_compress.quantization import LayerFusion, fuse
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
 __version__ = "0.1.0"
@@ -68,6 +69,7 @@ __all__ = [
     "Importance",
     "LAMPImportance",
     "LayerEnergy",
+    "LayerFusion",
     "MagnitudeImportance",
     "MaskSet",
     "NetworkSlimming",
@@ -86,6 +88,7 @@ __all__ = [
     "compression_root",
     "compression_summary",
     "energy_profile",
+    "fuse",
     "get_engine",
     "load_checkpoint",
     "register_module_class",

@@ -282,6 +282,8 @@ class Entry:
         loads_with: ``"load_from_checkpoint"`` (shape-preserving) or ``"load_checkpoint"``.
         changes_structure: Whether the entry changes parameter shapes.
         bad_args: ``(kwargs, regex)``: ``make(**kwargs)`` raises ValueError matching regex.
+        checkpoint_after_fit: The compressed model exists only once training ended (layer fusion):
+            the checkpoint test saves one with ``trainer.save_checkpoint`` after fit.
     """
 
     id: str
@@ -292,6 +294,7 @@ class Entry:
     loads_with: str = "load_from_checkpoint"
     changes_structure: bool = False
     bad_args: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    checkpoint_after_fit: bool = False
 
     def build_model(self, **kwargs: Any) -> _Classifier:
         return MODELS[self.model](**kwargs)
@@ -498,7 +501,10 @@ _STRUCT_EARLY = {"start": 2, "end": 10, "frequency": 3, "hard_prune_at": 12}
 
 _STRUCTURED_BAD = [
     ({"target_ratio": 1.0}, r"`target_ratio`=1.0 is not supported; expected a number in \[0, 1\)"),
-    ({"target_macs": 0.0, "target_ratio": None}, r"`target_macs`=0.0 is not supported; expected a number in \(0, 1\]"),
+    (
+        {"target_macs": 0.0, "target_ratio": None},
+        r"`target_macs`=0.0 is not supported; expected a number in \(0, 1\]",
+    ),
     ({"target_ratio": 0.5, "target_params": 0.5}, r"`target_ratio` and `target_params` were both given"),
     ({"criterion": "l3"}, r"`criterion`='l3' is not supported; expected one of \['l1', 'l2', 'fpgm'"),
     ({"scope": "layer"}, r"`scope`='layer' is not supported; expected one of \['global', 'local'\]"),
@@ -519,6 +525,12 @@ _SLIMMING_BAD = [
 ]
 
 
+def _fused(callbacks: list[pl.Callback], model: nn.Module) -> None:
+    root = compressed_root(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules())
+    assert any(isinstance(m, nn.Identity) for m in root.modules())
+
+
 def _widths_of(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -536,7 +548,9 @@ def _structured_check(ratio: float | None = None) -> Callable[[list[pl.Callback]
         assert cb.removed, "no layer lost channels"
         for layer, (original, kept) in cb.removed.items():
             assert kept < original
-            assert _widths_of(root.get_submodule(layer)) == kept, layer
+            module = root.get_submodule(layer)
+            if not isinstance(module, nn.Identity):  # a BatchNorm that LayerFusion folded since
+                assert _widths_of(module) == kept, layer
         if ratio is not None:
             assert abs(cb.channel_ratio - ratio) < 0.08, cb.channel_ratio
         fresh = compressed_root(type(model)())
@@ -744,6 +758,27 @@ REGISTRY: list[Entry] = [
         model="bn-cnn",
         loads_with="load_checkpoint",
         changes_structure=True,
+    ),
+    Entry(
+        "fusion-bn-cnn",  # BatchNorm folded when training ends
+        lambda **kw: [lc.LayerFusion(**kw)],
+        _fused,
+        model="bn-cnn",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+        checkpoint_after_fit=True,
+        bad_args=[({"on": "epoch"}, r"`on`='epoch' is not supported; expected one of \['fit_end'\]")],
+    ),
+    Entry(
+        "stacked-structured+fusion-resnet",  # channels removed at step 12, BatchNorm folded at the end
+        _stack(
+            lambda **kw: lc.StructuredPruning(**{"target_ratio": 0.5, **_STRUCT_EARLY, **kw}), lc.LayerFusion
+        ),
+        _both(_structured_check(0.5), _fused),
+        model="resnet",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+        checkpoint_after_fit=True,
     ),
 ]
 

@@ -315,6 +315,9 @@ def apply_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> list[StructureC
     seen: set[str] = set()
     for name, index_by_dim in kept.items():
         seen.add(name)
+        if name not in params_after:  # sliced, then its module replaced (a BatchNorm fused away)
+            changes.append(StructureChange(name, None, dict(index_by_dim), shapes_before[name], None))
+            continue
         changes.append(
             StructureChange(
                 name, name, dict(index_by_dim), shapes_before[name], tuple(params_after[name].shape)

@@ -5,6 +5,24 @@ imported when their ``setup()`` runs, so importing this package always works.
 """
 
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
-from lightning_compress.demos.models import LeNet5, LeNet5Caffe, LeNet300100
+from lightning_compress.demos.models import (
+    LeNet5,
+    LeNet5Caffe,
+    LeNet300100,
+    LeNet300100BN,
+    SmallMobileNet,
+    SmallResNet,
+    SmallVGG,
+)
 
-__all__ = ["DigitsDataModule", "LeNet5", "LeNet5Caffe", "LeNet300100", "MNIST5kDataModule"]
+__all__ = [
+    "DigitsDataModule",
+    "LeNet5",
+    "LeNet5Caffe",
+    "LeNet300100",
+    "LeNet300100BN",
+    "MNIST5kDataModule",
+    "SmallMobileNet",
+    "SmallResNet",
+    "SmallVGG",
+]
