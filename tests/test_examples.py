@@ -53,3 +53,18 @@ def test_custom_technique_example(tmp_path):
     assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)  # the custom importance pruned exactly
     assert result["max_abs_weight"] <= 0.3 + 1e-7  # the custom constraint held (float32 0.3)
     assert result["test_acc"] > 0.8
+
+
+def test_slim_existing_trainer_example(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import slim_existing_trainer
+    finally:
+        sys.path.pop(0)
+    result = slim_existing_trainer.main(
+        ["--max-epochs", "3", "--keep-macs", "0.4", "--root-dir", str(tmp_path)]
+    )
+    assert result["macs_kept"] <= 0.4 + 1e-9
+    assert result["params"] < 0.6 * result["dense_params"]  # channels physically gone
+    assert result["same_outputs"] == 1.0  # load_checkpoint rebuilt the slim, fused model exactly
+    assert result["test_acc"] > 0.8
