@@ -457,6 +457,9 @@ def test_network_slimming_on_the_bn_mlp_shrinks_gammas_and_removes_neurons(tmp_p
     assert model.bn1.num_features == model.fc1.out_features
     assert model.fc2.in_features == model.fc1.out_features
     assert model.fc3.in_features == model.fc2.out_features
+    (kept,) = [m for m in logger.metrics if "channels_kept/fc1" in m]  # logged once, at the prune
+    assert kept["channels_kept/fc1"] == model.fc1.out_features
+    assert kept["channels_kept/fc2"] == model.fc2.out_features
     tags = {t for t, _, _ in logger.histograms}
     assert tags == {"slimming/gamma"}
     first = logger.histograms[0][1]

@@ -225,6 +225,7 @@ class StructuredPruning(CompressionCallback):
         self._next_update: int | None = None
         self._hard_requested = False
         self._stale = False
+        self._removal_logged = False
 
     # ------------------------------------------------------------------ configuration
     @override
@@ -597,6 +598,13 @@ class StructuredPruning(CompressionCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if len(self.masks):
             self.masks.flush()
+        if self.hard_pruned and not self._removal_logged:
+            # Once, straight to every logger (not only on log_every_n_steps): the kept width per layer.
+            self._removal_logged = True
+            if trainer.is_global_zero and self.removed:
+                metrics = {f"channels_kept/{layer}": float(w[1]) for layer, w in self.removed.items()}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 and (self.groups or self.hard_pruned):
             pl_module.log("structured/channel_ratio", self.channel_ratio, on_step=True, on_epoch=False)
             pl_module.log("structured/macs_kept", self.macs_kept, on_step=True, on_epoch=False)
