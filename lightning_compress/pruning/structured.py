@@ -269,7 +269,17 @@ class StructuredPruning(CompressionCallback):
             self._build(example, "`example_input_array`")
 
     def _build(self, example: Any, source: str) -> None:
-        """Trace the groups, check the target is reachable, build the cost model (before any change)."""
+        """Trace the groups, check the target is reachable, build the cost model (before any change).
+
+        On an error nothing is kept: the callback stays unbound and the model untouched.
+        """
+        try:
+            self._build_checked(example, source)
+        except Exception:
+            self.groups, self.skipped, self.cost = [], {}, None
+            raise
+
+    def _build_checked(self, example: Any, source: str) -> None:
         root, trainer = self._root, self._trainer
         assert root is not None
         if trainer is not None:
