@@ -31,7 +31,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pruning.py --out benchmarks/results/pruning.md
 	$(PY) benchmarks/sparsity.py --out benchmarks/results/sparsity.md
-	cat benchmarks/results/pruning.md benchmarks/results/sparsity.md > benchmarks/RESULTS.md
+	$(PY) benchmarks/structured.py --out benchmarks/results/structured.md
+	cat benchmarks/results/pruning.md benchmarks/results/sparsity.md benchmarks/results/structured.md > benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.core.channels import IN, NORM, OUT, ChannelGroup, GroupMember
+from lightning_compress.core.channels import OUT, ChannelGroup, GroupMember
 from lightning_compress.core.engine import OBSERVE, Constraint
 
 __all__ = [
@@ -163,30 +163,34 @@ class _TaylorObserver(Constraint):
 
     def bind(self, params: Sequence[nn.Parameter]) -> Callable[[], None] | None:
         ids = {id(p) for p in params}
-        work = [
-            (gi, m, p) for gi, m, p in self.owner._members if id(p) in ids
-        ]  # (group index, member, parameter)
+        work = [w for w in self.owner._work if id(w[1]) in ids]
         if not work:
             return None
-        current = self.owner._current
+        owner = self.owner
 
         @torch.no_grad()
         def run() -> None:
-            for gi, m, p in work:
+            # Per member: (g * w) summed over everything but the channel positions, scattered onto the
+            # group's channels. Indices live on the parameter's device: no host transfer, no sync.
+            for gi, p, dim, positions, channels in work:
                 if p.grad is None:
                     continue
-                contrib = _per_position(m, p.grad * p).sum(1)
-                current[gi].index_add_(0, m.channels.to(contrib.device), contrib.to(current[gi].dtype))
-            self.owner._touched = True
+                rows = (p.grad * p).movedim(dim, 0).index_select(0, positions)
+                owner._current[gi].index_add_(0, channels, rows.reshape(len(positions), -1).sum(1))
+            owner._touched = True
 
         return run
 
 
 class GroupTaylorImportance(ChannelImportance):
-    """Group first-order Taylor importance ``(sum_s g_s w_s)^2``, averaged over training steps."""
+    """Group first-order Taylor importance ``(sum_s g_s w_s)^2``, averaged over training steps.
+
+    Statistics stay on the parameters' device (float32 sums per step, float64 accumulators); the
+    only host transfer is at scoring time.
+    """
 
     def __init__(self) -> None:
-        self._members: list[tuple[int, GroupMember, nn.Parameter]] = []
+        self._work: list[tuple[int, nn.Parameter, int, Tensor, Tensor]] = []
         self._current: list[Tensor] = []
         self._sum: list[Tensor] = []
         self._steps = 0
@@ -195,33 +199,33 @@ class GroupTaylorImportance(ChannelImportance):
 
     @override
     def attach(self, root: nn.Module, groups: Sequence[ChannelGroup]) -> None:
-        self._members = [
-            (gi, m, root.get_parameter(m.tensor))
-            for gi, g in enumerate(groups)
-            for m in g.members
-            if m.is_param and m.role in (OUT, IN, NORM)
-        ]
-        device = self._members[0][2].device if self._members else torch.device("cpu")
-        self._current = [torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups]
-        sums = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+        self._work = []
+        for gi, g in enumerate(groups):
+            for m in g.members:
+                if m.is_param:
+                    p = root.get_parameter(m.tensor)
+                    self._work.append((gi, p, m.dim, m.positions.to(p.device), m.channels.to(p.device)))
+        device = self._work[0][1].device if self._work else torch.device("cpu")
+        dtype = self._work[0][1].dtype if self._work else torch.float32
+        self._current = [torch.zeros(g.size, dtype=dtype, device=device) for g in groups]
         restored, self._restored = self._restored, None
         if restored and [len(s) for s in restored.get("sum", [])] == [g.size for g in groups]:
-            sums = [s.to(torch.float64).clone() for s in restored["sum"]]
+            self._sum = [s.to(device, torch.float64).clone() for s in restored["sum"]]
             self._steps = int(restored.get("steps", 0))
         else:
+            self._sum = [torch.zeros(g.size, dtype=torch.float64, device=device) for g in groups]
             self._steps = 0
-        self._sum = sums
 
     @override
     def constraints(self) -> list[Constraint]:
-        params = list({id(p): p for _, _, p in self._members}.values())
+        params = list({id(p): p for _, p, _, _, _ in self._work}.values())
         return [_TaylorObserver(self, params)] if params else []
 
     @override
     def begin_step(self) -> None:
         if self._touched:
             for s, c in zip(self._sum, self._current):
-                s.add_(c.square().cpu())
+                s.add_(c.to(torch.float64).square())
                 c.zero_()
             self._steps += 1
             self._touched = False
@@ -229,14 +233,17 @@ class GroupTaylorImportance(ChannelImportance):
     @override
     def reduce(self, reduce_fn: Callable[[Tensor, str], Tensor]) -> None:
         self.begin_step()
-        self._sum = [reduce_fn(s, "mean").to(torch.float64).cpu() for s in self._sum]
+        if not self._sum:
+            return
+        flat = reduce_fn(torch.cat(self._sum), "mean")  # one collective, in group order
+        self._sum = list(flat.to(torch.float64).split([len(s) for s in self._sum]))
 
     @override
     def scores(self, root: nn.Module, groups: Sequence[ChannelGroup]) -> list[Tensor]:
         self.begin_step()
         if self._steps == 0:  # no gradient seen yet (an update at the very first step): magnitude
             return NormImportance(2).scores(root, groups)
-        return [s / self._steps for s in self._sum]
+        return [(s / self._steps).cpu() for s in self._sum]
 
     @override
     def reset(self) -> None:
@@ -250,7 +257,7 @@ class GroupTaylorImportance(ChannelImportance):
     @override
     def state_dict(self) -> dict[str, Any]:
         self.begin_step()
-        return {"sum": [s.clone() for s in self._sum], "steps": self._steps}
+        return {"sum": [s.cpu().clone() for s in self._sum], "steps": self._steps}
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -10,13 +10,17 @@ tracer. :func:`build_channel_groups` turns each of its pruning groups into a
 each group channel in it, in names relative to the compression root. Everything downstream (masks,
 structure ops, costs) is plain tensor indexing on those members, so the graph is needed only once.
 
-A group is left alone (with a reason) when it reaches the model's output (the classifier's
-classes), holds a layer we cannot slice (grouped non-depthwise convs, attention, recurrent
-layers, bare ``nn.Parameter`` tensors), or holds a layer excluded by ``targets`` / ``exclude``.
+A group is left alone (with a reason) when the forward returns its channels (the classifier's
+classes, or features the model also returns), when it passes through a split / slice of the
+channels, touches tied weights or a layer we cannot slice exactly (LayerNorm, grouped non-depthwise
+convs, attention, recurrent layers, bare ``nn.Parameter`` tensors), or holds a layer excluded by
+``targets`` / ``exclude``; and, as a last line of defence, when removing its channels from a copy
+of the model does not compute what masking them computes (a view or permute the graph cannot map).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,14 +28,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "ChannelCost",
     "ChannelGroup",
     "GroupMember",
     "build_channel_groups",
+    "call_model",
     "channel_masks",
+    "plain_copy",
     "removal_ops",
+    "removal_preserves_function",
 ]
 
 #: Roles of a member tensor in its group.
@@ -117,9 +125,7 @@ def _member_tensors(module: nn.Module, kind: str) -> list[tuple[str, int, str]] 
     if isinstance(module, nn.modules.batchnorm._NormBase):
         return only([(n, 0, NORM) for n in ("weight", "bias", "running_mean", "running_var")])
     if isinstance(module, nn.LayerNorm):
-        if len(module.normalized_shape) != 1:
-            return None
-        return only([("weight", 0, NORM), ("bias", 0, NORM)])
+        return None  # its statistics include the masked channels: masking != removing
     if isinstance(module, nn.PReLU):
         return only([("weight", 0, NORM)]) if module.num_parameters > 1 else []
     if isinstance(module, nn.Embedding):
@@ -129,25 +135,113 @@ def _member_tensors(module: nn.Module, kind: str) -> list[tuple[str, int, str]] 
     return None
 
 
-def _trace(root: nn.Module, example_input: Any, owner: str) -> Any:
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """``model(example)``: a tensor is one argument, a tuple / list positional ones, a dict keywords."""
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _trace(root: nn.Module, example_input: Any, owner: str) -> tuple[Any, set[Any]]:
+    """Torch-Pruning's graph of ``root``, and the autograd nodes of every tensor the forward returns."""
     import torch_pruning as tp
+
+    returned: list[Any] = []
+
+    def forward(model: nn.Module, inputs: Any) -> Any:
+        out = call_model(model, inputs)
+        returned.append(out)
+        return out
 
     modes = {m: m.training for m in root.modules()}
     root.eval()  # tracing runs a forward: keep BatchNorm statistics and dropout out of it
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(root, example_inputs=example_input, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(
+                root, example_inputs=example_input, forward_fn=forward, verbose=False
+            )
     except Exception as err:
         raise ValueError(
             f"{owner}: Torch-Pruning could not trace {type(root).__name__} to find which channels are "
             f"coupled ({type(err).__name__}: {err}). The model's forward must run on its example input "
-            "(`example_input_array`, or the first training batch) with autograd enabled; exclude the "
-            "layers it cannot follow or use unstructured pruning (GradualPruning)."
+            "(`example_input_array`, or the first training batch) with autograd enabled and return "
+            "tensors (or tuples / lists / dicts of them); exclude the layers it cannot follow or use "
+            "unstructured pruning (GradualPruning)."
         ) from err
     finally:
         for m, training in modes.items():
             m.training = training
+    outputs = {t.grad_fn for t in tree_leaves(returned) if isinstance(t, Tensor) and t.grad_fn is not None}
+    return graph, outputs
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its hooks.
+
+    A hook that is a callback's bound method would drag the callback, and the trainer it holds, into
+    the copy.
+    """
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            if name.startswith("_") and "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(module, memo)
+
+
+def _outputs_match(a: Any, b: Any) -> bool:
+    la = [t for t in tree_leaves(a) if isinstance(t, Tensor)]
+    lb = [t for t in tree_leaves(b) if isinstance(t, Tensor)]
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return False
+        if x.is_floating_point():
+            scale = float(x.abs().max()) if x.numel() else 0.0
+            if not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-4 * max(scale, 1.0)):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def removal_preserves_function(
+    root: nn.Module, example_input: Any, groups: Sequence[ChannelGroup], keep: Sequence[Tensor]
+) -> bool:
+    """Whether physically removing the channels ``keep`` drops computes what masking them computes.
+
+    Both are done on hook-free copies in eval mode, on ``example_input``; every returned tensor must
+    have the same shape and values (1e-4 relative). This catches what a graph cannot promise: a
+    view, permute or reshape whose channel mapping the tracer does not know.
+    """
+    masked, pruned = plain_copy(root).eval(), plain_copy(root).eval()
+    try:
+        with torch.no_grad():
+            for name, mask in channel_masks(masked, groups, keep).items():
+                masked.get_parameter(name).mul_(mask)
+            from lightning_compress.core.surgery import apply_ops
+
+            apply_ops(pruned, removal_ops(pruned, groups, keep))
+            return _outputs_match(call_model(masked, example_input), call_model(pruned, example_input))
+    except Exception:
+        return False
+
+
+def _probe_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> list[Tensor]:
+    """Random keep-masks removing about half of every group (never all of it), for self-checks."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for g in groups:
+        k = torch.rand(g.size, generator=gen) < 0.5
+        k[int(torch.randint(g.size, (1,), generator=gen))] = True
+        if g.size > 1 and bool(k.all()):
+            k[0] = False
+        keep.append(k)
+    return keep
 
 
 def build_channel_groups(
@@ -155,8 +249,18 @@ def build_channel_groups(
     example_input: Any,
     allowed: Callable[[str], bool] | None = None,
     owner: str = "StructuredPruning",
+    verify: bool = True,
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Trace ``root`` on ``example_input`` and return its prunable channel groups.
+
+    Torch-Pruning's groups are taken as they are, except that a group is left alone (with the reason)
+    when its channels are returned by the forward (the classes, or an intermediate tensor the model
+    also returns), when it passes through a split / slice / unbind / expand, when one tensor position
+    would belong to two channels, when it touches a tensor shared by two layers (tied weights), or a
+    layer that cannot be sliced exactly (LayerNorm, attention, recurrent layers, grouped convs). With
+    ``verify`` the remaining groups are checked on copies of the model: removing random channels
+    must compute what masking them computes; groups that fail (a view or permute the graph does not
+    map) are left alone too.
 
     Args:
         root: The model (compression root).
@@ -164,6 +268,7 @@ def build_channel_groups(
         allowed: Which layers may lose output channels (``targets`` / ``exclude``); a group whose
             producing Conv / Linear layers are not all allowed is skipped. ``None`` allows all.
         owner: Name used in error messages.
+        verify: Check removal against masking on copies of the model (two forwards).
 
     Returns:
         The groups (in graph order) and ``{group root layer: reason}`` for the groups left alone.
@@ -173,8 +278,13 @@ def build_channel_groups(
     """
     import torch_pruning as tp
 
-    graph = _trace(root, example_input, owner)
+    graph, returned = _trace(root, example_input, owner)
     names = {m: n for n, m in root.named_modules()}
+    param_names: dict[int, list[str]] = {}
+    for n, p in root.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(n)
+    tied = {n for ns in param_names.values() if len(ns) > 1 for n in ns}
+    unmappable = {tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND}
     groups: list[ChannelGroup] = []
     skipped: dict[str, str] = {}
     for tp_group in graph.get_all_groups():
@@ -189,10 +299,17 @@ def build_channel_groups(
             module = node.module
             name = names.get(module) if isinstance(module, nn.Module) else None
             kind = OUT if getattr(handler, "__name__", "") == "prune_out_channels" else IN
-            # A node nothing reads returns its channels to the caller: a model output (the classes).
-            # Only its output channels matter: a final Linear's *input* channels may go.
-            if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and (name is None or kind == OUT)):
-                reason = "its channels are the model's output"
+            # A node nothing reads, or whose output the forward returns, hands its channels to the
+            # caller (the classes, or features the model also returns). Only its output channels
+            # matter: a final Linear's *input* channels may go.
+            produces = name is None or kind == OUT
+            if node.type == tp.ops.OPTYPE.OUTPUT or (
+                produces and (not node.outputs or node.grad_fn in returned)
+            ):
+                reason = "its channels are returned by the model's forward"
+                break
+            if node.type in unmappable:
+                reason = f"it passes through a {node.type.name.lower()} of the channel dimension"
                 break
             if name is None:
                 if node.type == tp.ops.OPTYPE.PARAMETER:
@@ -201,7 +318,9 @@ def build_channel_groups(
                 continue  # reshape, add, concat, ...: operators without tensors
             tensors = _member_tensors(module, kind)
             if tensors is None:
-                reason = f"it reaches layer {name!r} ({type(module).__name__}), which cannot be sliced"
+                reason = (
+                    f"it reaches layer {name!r} ({type(module).__name__}), which cannot be sliced exactly"
+                )
                 break
             root_idxs = getattr(item, "root_idxs", None)
             if root_idxs is None or any(r is None for r in root_idxs):
@@ -209,6 +328,9 @@ def build_channel_groups(
                 break
             for attr, dim, role in tensors:
                 key = (f"{name}.{attr}" if name else attr, dim)
+                if key[0] in tied:
+                    reason = f"its tensor {key[0]!r} is shared with another layer (tied weights)"
+                    break
                 if key not in members:
                     is_param = attr in module._parameters
                     members[key] = (
@@ -217,7 +339,13 @@ def build_channel_groups(
                     )
                 mapping = members[key][1]
                 for pos, ch in zip(item.idxs, root_idxs):
-                    mapping[int(pos)] = int(ch)
+                    if mapping.setdefault(int(pos), int(ch)) != int(ch):
+                        reason = f"a position of {key[0]!r} would belong to two channels"
+                        break
+                if reason is not None:
+                    break
+            if reason is not None:
+                break
         if reason is None and allowed is not None:
             blocked = [
                 m.module
@@ -242,6 +370,17 @@ def build_channel_groups(
             if member.role == OUT and member.module not in group.layers:
                 group.layers.append(member.module)
         groups.append(group)
+    if verify and groups and not removal_preserves_function(root, example_input, groups, _probe_keep(groups)):
+        good = []
+        for i, g in enumerate(groups):
+            if removal_preserves_function(root, example_input, [g], _probe_keep([g], seed=i)):
+                good.append(g)
+            else:
+                skipped[g.name] = (
+                    "removing its channels would change what the model computes (a view, permute or "
+                    "reshape of the channels that Torch-Pruning does not map)"
+                )
+        groups = good
     return groups, skipped
 
 

@@ -175,8 +175,6 @@ class CompressionEngine(pl.Callback):
         self.clock = 0
         #: The current training step (index of the stepping batch being run).
         self.step = 0
-        #: Structure recipe: every structure change applied so far, in order (see core.surgery).
-        self.recipe: list[dict[str, Any]] = []
         self._stepped_this_batch = False
         self._skip_this_batch = False
         self._grad_fns: dict[int, list[Callable[[], None]]] = {}
@@ -190,7 +188,6 @@ class CompressionEngine(pl.Callback):
         self._toggle_ftz = False
         self._bound = False
         self._pending: list[tuple[list[dict[str, Any]], str, bool]] = []
-        self._replayed_from: str | None = None
         self._fit_global_step0 = 0
         self._fit_batches = 0
         self._scaler: Any = None
@@ -249,20 +246,27 @@ class CompressionEngine(pl.Callback):
         self._bound = True
 
     # ------------------------------------------------------------------ Lightning hooks
+    @property
+    def recipe(self) -> list[dict[str, Any]]:
+        """Structure recipe: every structure op applied to the LightningModule so far, in order.
+
+        It lives on the module itself (:func:`~lightning_compress.core.surgery.applied_recipe`), so a
+        second ``Trainer`` or a later ``trainer.test`` sees the changes an earlier fit made.
+        """
+        from lightning_compress.core.surgery import applied_recipe
+
+        return [] if self._pl_module is None else applied_recipe(self._pl_module)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         self._pl_module = pl_module
-        from lightning_compress.core.surgery import pending_checkpoint_path, read_recipe, replay_recipe
+        from lightning_compress.core.surgery import pending_checkpoint_path, reconcile_recipe
 
         path = pending_checkpoint_path(trainer)
-        if path is not None and path != self._replayed_from:
-            recipe = read_recipe(path)
-            if recipe:
-                replay_recipe(pl_module, recipe)
-            self.recipe = list(recipe)
-            self._replayed_from = path
+        if path is not None:
+            # Before Lightning loads the weights: give the module the checkpoint's structure (a resumed
+            # fit, or validate / test / predict with ckpt_path). Idempotent: setup may run twice.
+            reconcile_recipe(pl_module, path)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -463,7 +467,6 @@ class CompressionEngine(pl.Callback):
             if not carry_state:
                 snapshot.opt_states = [{} for _ in snapshot.opt_states]
             rebuild_training_state(trainer, pl_module, snapshot, changes)
-        self.recipe.extend(ops)
         for client in self.clients:
             handler = getattr(client, "on_structure_change", None)
             if handler is not None:
@@ -479,7 +482,10 @@ class CompressionEngine(pl.Callback):
     ) -> None:
         for c in self._constraints:
             c.verify()
-        checkpoint[CHECKPOINT_KEY] = {"version": 1, "recipe": [dict(op) for op in self.recipe]}
+        from lightning_compress.core.surgery import applied_recipe
+
+        recipe = applied_recipe(pl_module)
+        checkpoint[CHECKPOINT_KEY] = {"version": 1, "recipe": [dict(op) for op in recipe]}
 
     @override
     def state_dict(self) -> dict[str, Any]:

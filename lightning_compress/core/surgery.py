@@ -30,6 +30,7 @@ the weights; :func:`load_checkpoint` rebuilds the compressed model without a Tra
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Sequence
@@ -46,10 +47,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "StructureChange",
+    "applied_recipe",
     "apply_ops",
     "channel_widths",
     "load_checkpoint",
     "read_recipe",
+    "reconcile_recipe",
     "register_module_class",
     "replay_recipe",
     "validate_ops",
@@ -60,6 +63,8 @@ _REGISTERED: dict[str, type[nn.Module]] = {}
 OPS: tuple[str, ...] = ("slice", "replace", "add_bias")
 #: ``root.__dict__`` key of the layer widths before the first slice (see :func:`channel_widths`).
 _WIDTHS_KEY = "_lightning_compress_widths"
+#: ``root.__dict__`` key of the ops applied to a module so far (see :func:`applied_recipe`).
+_RECIPE_KEY = "_lightning_compress_recipe"
 
 
 def register_module_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -309,6 +314,7 @@ def apply_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> list[StructureC
             factory = getattr(cls, "from_module", None)
             new_module = factory(old, **init_args) if callable(factory) else cls(**init_args)
             setattr(parent, child, new_module)
+    root.__dict__.setdefault(_RECIPE_KEY, []).extend(copy.deepcopy(list(ops)))
     names_after = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
     params_after = dict(root.named_parameters(remove_duplicate=False))
     changes: list[StructureChange] = []
@@ -348,6 +354,38 @@ def apply_ops(root: nn.Module, ops: Sequence[dict[str, Any]]) -> list[StructureC
 def replay_recipe(root: nn.Module, recipe: Sequence[dict[str, Any]]) -> list[StructureChange]:
     """Re-apply a structure recipe to a freshly built module (before its weights are loaded)."""
     return apply_ops(root, list(recipe))
+
+
+def applied_recipe(model: nn.Module) -> list[dict[str, Any]]:
+    """Every structure op applied to ``model`` so far (by the engine, a replay or ``fuse``), in order."""
+    return model.__dict__.get(_RECIPE_KEY, [])
+
+
+def reconcile_recipe(model: nn.Module, path: str | os.PathLike) -> list[StructureChange]:
+    """Give ``model`` the structure of checkpoint ``path`` before its weights are loaded.
+
+    The checkpoint's recipe must extend the ops ``model`` already has: the missing ones are applied
+    (a fresh module, or one pruned further by a later fit). A checkpoint from *before* changes the
+    module already went through cannot be loaded into it (channels cannot be put back).
+
+    Raises:
+        RuntimeError: The checkpoint's structure is not reachable from the module's, with what to do.
+    """
+    wanted, have = read_recipe(path), applied_recipe(model)
+    if wanted[: len(have)] == have:
+        return replay_recipe(model, wanted[len(have) :]) if len(wanted) > len(have) else []
+    if have[: len(wanted)] == wanted:
+        raise RuntimeError(
+            f"checkpoint {str(path)!r} was saved before this {type(model).__name__} went through "
+            f"{len(have) - len(wanted)} more structure ops (channels removed, layers fused), so its weights "
+            "do not fit this model; load it into a fresh instance: "
+            f"lightning_compress.load_checkpoint({type(model).__name__}, path)."
+        )
+    raise RuntimeError(
+        f"checkpoint {str(path)!r} records structure changes that differ from the ones this "
+        f"{type(model).__name__} has been through; load it into a fresh instance: "
+        f"lightning_compress.load_checkpoint({type(model).__name__}, path)."
+    )
 
 
 # ---------------------------------------------------------------------------- training state

@@ -91,7 +91,7 @@ def fold_bn(
         if tensor is not None and tuple(tensor.shape) != (channels,):
             raise ValueError(
                 f"fold_bn: `{name}` has shape {tuple(tensor.shape)}; expected ({channels},) to match the "
-                f"{'input' if transposed else 'output'} dimension of `weight` {tuple(weight.shape)}"
+                f"output channels of `weight` {tuple(weight.shape)} (its dim {1 if transposed else 0})"
                 f"{' (transposed convolutions must have groups=1)' if transposed else ''}."
             )
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:

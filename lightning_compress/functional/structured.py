@@ -20,16 +20,18 @@ __all__ = [
 def rounded_removal(size: int, n_remove: int, round_to: int | None, floor: int = 1) -> int:
     """Channels removed from a group of ``size`` when ``n_remove`` are asked for.
 
-    At least ``floor`` channels stay, and with ``round_to`` the kept width is rounded *up* to a
-    multiple of ``round_to`` (fewer channels removed, never more), so hardware-friendly widths
-    never cost accuracy beyond what was asked.
+    At least ``floor`` channels stay. With ``round_to`` the kept width is rounded to the *nearest*
+    multiple of ``round_to`` (halves up), at least one multiple, never above ``size`` (a width that
+    is not a multiple itself stays whole unless enough is removed), so hardware-friendly widths
+    cost at most half a block of the requested amount either way.
     """
     n_remove = min(max(int(n_remove), 0), size - floor)
     if n_remove <= 0:
         return 0
     if not round_to or round_to <= 1:
         return n_remove
-    kept = min(size, math.ceil((size - n_remove) / round_to) * round_to)
+    kept = math.floor((size - n_remove) / round_to + 0.5) * round_to
+    kept = min(size, max(kept, round_to, floor))
     return size - kept
 
 
@@ -75,7 +77,8 @@ def global_channel_keep(
     """Remove the ``n_remove`` lowest-scored channels over all groups (one global threshold).
 
     Previously removed channels count first; every group keeps its ``floor`` best channels; the
-    per-group counts are then rounded as :func:`rounded_removal` (so slightly fewer may go).
+    per-group counts are then rounded as :func:`rounded_removal` (so the total may differ a little:
+    search ``n_remove`` for an exact total, as ``StructuredPruning`` does).
     """
     pooled, owners = [], []
     n_prev_total = 0

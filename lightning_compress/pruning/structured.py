@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 from typing_extensions import override
@@ -43,7 +43,27 @@ __all__ = ["StructuredPruning"]
 ScheduleName = Literal["constant", "linear", "cubic", "exponential", "polynomial"]
 ChannelCriterion = Literal["l1", "l2", "fpgm", "bn_scale", "taylor"]
 ScopeName = Literal["global", "local"]
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+_LAYER_TYPES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def _like_model(example: Any, root: nn.Module) -> Any:
+    """``example`` on the model's device, floating tensors in its dtype (bf16-true, 64-true, ...)."""
+    p = next(root.parameters(), None)
+    if p is None:
+        return example
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(p.device, p.dtype) if t.is_floating_point() else t.to(p.device)
+
+    return tree_map_only(Tensor, cast, example)
 
 
 class _InputCapture:
@@ -226,6 +246,7 @@ class StructuredPruning(CompressionCallback):
         self._hard_requested = False
         self._stale = False
         self._removal_logged = False
+        self._hard_tensors: set[str] = set()
 
     # ------------------------------------------------------------------ configuration
     @override
@@ -280,10 +301,9 @@ class StructuredPruning(CompressionCallback):
             raise
 
     def _build_checked(self, example: Any, source: str) -> None:
-        root, trainer = self._root, self._trainer
+        root = self._root
         assert root is not None
-        if trainer is not None:
-            example = trainer.precision_plugin.convert_input(example)
+        example = _like_model(example, root)
         groups, skipped = build_channel_groups(root, example, self.allowed, owner=self.name)
         kept = []
         for g in groups:
@@ -293,7 +313,9 @@ class StructuredPruning(CompressionCallback):
             else:
                 skipped[g.name] = reason
         if not kept:
-            reasons = "; ".join(f"{k!r}: {v}" for k, v in list(skipped.items())[:8]) or "no Conv/Linear layer"
+            reasons = "; ".join(f"{k!r}: {v}" for k, v in list(skipped.items())[:8]) or (
+                "Torch-Pruning found no Conv / Linear layer on the forward's path"
+            )
             raise ValueError(
                 f"{self.name}: no channel group of {type(root).__name__} can be pruned ({reasons}). "
                 "Check `targets` / `exclude` and the criterion."
@@ -498,6 +520,10 @@ class StructuredPruning(CompressionCallback):
                 self.importance.reduce(lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
             scores = self.channel_scores()
             self.keep = self.select(scores, amount)
+            if trainer is not None and trainer.world_size > 1:
+                # Scores agree across ranks already; broadcasting rank 0's choice makes the shapes agree
+                # even if they did not (a data-dependent cost model, a float tie): ranks never diverge.
+                self.keep = [k.to(torch.bool) for k in trainer.strategy.broadcast(self.keep, src=0)]
             self.apply_keep()
             self.applied = amount
             self.debug(
@@ -515,7 +541,18 @@ class StructuredPruning(CompressionCallback):
         if self.budget is None:
             if self.scope == "local":
                 return local_channel_keep(scores, amount, round_to, prev, floor)
-            return global_channel_keep(scores, round(amount * sum(sizes)), round_to, prev, floor)
+            wanted = round(amount * sum(sizes))
+            if not round_to or round_to <= 1:
+                return global_channel_keep(scores, wanted, round_to, prev, floor)
+
+            def short_of(n: int) -> float:  # non-increasing in n: rounding never undoes a removal
+                removed = sum(int((~k).sum()) for k in global_channel_keep(scores, n, round_to, prev, floor))
+                return float(wanted - removed)
+
+            n = search_removal(
+                short_of, 0.0, sum(int((~k).sum()) for k in prev), sum(s - floor for s in sizes)
+            )
+            return global_channel_keep(scores, n, round_to, prev, floor)
         cost = self.cost
         assert cost is not None
         target = 1.0 - amount
@@ -567,6 +604,7 @@ class StructuredPruning(CompressionCallback):
         assert self.engine is not None
         ops = removal_ops(self._root, self.groups, self.keep, prefix=self.root_prefix, owner=self.state_key)
         self._hard_requested = True
+        self._hard_tensors = {op["tensor"] for op in ops}
         if not ops:  # nothing was removed (target 0): just stop masking
             self._finish({})
             return
@@ -592,7 +630,7 @@ class StructuredPruning(CompressionCallback):
     @override
     def on_structure_change(self, pl_module: pl.LightningModule, changes: list[Any]) -> None:
         root = self.root(pl_module)
-        if self._hard_requested:
+        if self._hard_requested and any(c.old_name in self._hard_tensors for c in changes):
             widths = channel_widths(pl_module)
             prefix = self.root_prefix
             self._finish({k[len(prefix) :]: v for k, v in widths.items() if k.startswith(prefix)})
@@ -630,6 +668,40 @@ class StructuredPruning(CompressionCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_capture()
+        if (
+            self.hard_pruned
+            or self._hard_requested
+            or not self.keep
+            or not any((~k).any() for k in self.keep)
+        ):
+            return
+        # Training stopped before hard_prune_at (early stopping, max_time, should_stop): remove what is
+        # masked now rather than leave a full-size model with dead channels.
+        rank_zero_warn(
+            f"{self.name}: training ended at step {self.step} before the channels were removed (hard prune "
+            f"due at step {self._hard_step()}); removing the {self.channel_ratio:.1%} of channels masked so "
+            f"far now (the schedule had reached {self.applied:.3f} of {self.final_amount:.3f})."
+        )
+        assert self._root is not None
+        ops = removal_ops(self._root, self.groups, self.keep, prefix=self.root_prefix, owner=self.state_key)
+        self._hard_requested, self._hard_tensors = True, {op["tensor"] for op in ops}
+        engine = self.engine
+        assert engine is not None
+        engine.change_structure(trainer, pl_module, ops, self.name, rebuild=False)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_capture()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_capture()
+        super().teardown(trainer, pl_module, stage)
+
+    def _remove_capture(self) -> None:
         if self._capture is not None:
             self._capture.remove()
             self._capture = None

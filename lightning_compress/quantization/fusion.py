@@ -45,6 +45,7 @@ import torch_pruning as tp
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 from typing_extensions import override
 
 from lightning_compress.core.callback import compression_root
@@ -104,6 +105,10 @@ def _resolve_example_input(model: nn.Module, example_input: Any, owner: str) -> 
     parameter = next(model.parameters(), None)
     if parameter is not None:
         example_input = move_data_to_device(example_input, parameter.device)
+        dtype = parameter.dtype  # bf16-true / 64-true models: floating inputs in the model's dtype
+        example_input = tree_map_only(
+            Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, example_input
+        )
     return example_input
 
 
@@ -142,9 +147,12 @@ def find_fusion_pairs(model: nn.Module, example_input: Any = None) -> list[tuple
     calls: Counter[int] = Counter()
     output_dims: dict[int, int] = {}
 
+    produced: dict[int, Any] = {}
+
     def record(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] += 1
         output_dims[id(module)] = output.dim() if isinstance(output, Tensor) else -1
+        produced[id(module)] = output
 
     training = {module: module.training for module in model.modules()}
     # The tracer follows autograd: frozen parameters would leave their layers out of the graph.
@@ -156,7 +164,9 @@ def find_fusion_pairs(model: nn.Module, example_input: Any = None) -> list[tuple
             p.requires_grad_(True)
         try:
             with torch.no_grad():
-                _call(model, example_input)
+                out = _call(model, example_input)
+            # A layer whose output the forward also returns must keep it: folding would change it.
+            returned = {id(t) for t in tree_leaves(out) if isinstance(t, Tensor)}
             for handle in handles:
                 handle.remove()
             handles = []
@@ -181,6 +191,9 @@ def find_fusion_pairs(model: nn.Module, example_input: Any = None) -> list[tuple
 
     pairs: list[tuple[str, str]] = []
     unfused: list[str] = []
+    produced_ids = {k: id(v) for k, v in produced.items()}
+    produced.clear()  # drop the activations
+
     for module in model.modules():
         if not _is_foldable_bn(module):
             continue
@@ -192,6 +205,7 @@ def find_fusion_pairs(model: nn.Module, example_input: Any = None) -> list[tuple
             and _is_producer(producer)
             and len(producer_node.outputs) == 1
             and producer_node.outputs[0] is bn_node
+            and produced_ids.get(id(producer)) not in returned
             and calls[id(producer)] == 1
             and calls[id(module)] == 1
             and len(names[id(producer)]) == 1
@@ -343,6 +357,12 @@ class LayerFusion(pl.Callback):
                 "LayerFusion changes parameter shapes, which strategy='ddp_spawn' / 'ddp_fork' cannot carry "
                 "back to the main process (Lightning reloads the workers' weights into the original, "
                 "unfused module). Use strategy='ddp', or call lightning_compress.fuse(model) after fit."
+            )
+        root = compression_root(pl_module)[0]
+        if self.example_input is None and getattr(root, "example_input_array", None) is None:
+            raise ValueError(
+                f"LayerFusion needs an example input to trace {type(root).__name__} (the compression "
+                "root): pass `example_input` or set `example_input_array` on it."
             )
         # Insert the engine now, so it is a callback for the whole fit (and writes the recipe into
         # every checkpoint); its own setup (recipe replay on resume) must run before training.

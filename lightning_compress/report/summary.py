@@ -200,6 +200,11 @@ def _kind_cell(kind: str) -> str:
     return kind if len(kind) <= _MAX_KIND else kind[: _MAX_KIND - 1] + "…"
 
 
+def _is_norm(kind: str) -> bool:
+    """Normalization rows lose the channels of the layer they follow: counted once, with that layer."""
+    return kind.lower().startswith(("batchnorm", "layernorm", "groupnorm", "instancenorm"))
+
+
 def _channels_cell(channels: tuple[int, int] | None) -> str:
     return "-" if channels is None else f"{channels[1]}/{channels[0]}"
 
@@ -389,7 +394,7 @@ class CompressionSummary:
         return sum(
             layer.channels[0] - layer.channels[1]
             for layer in self.layers
-            if layer.channels and not layer.kind.lower().startswith(("batchnorm", "layernorm", "groupnorm"))
+            if layer.channels and not _is_norm(layer.kind)
         )
 
     @property
@@ -522,7 +527,7 @@ class CompressionSummary:
 
     def _channels_total(self) -> str:
         """Kept / original output channels summed over the layers structure ops narrowed."""
-        changed = [layer.channels for layer in self.layers if layer.channels]
+        changed = [layer.channels for layer in self.layers if layer.channels and not _is_norm(layer.kind)]
         if not changed:
             return "-"
         return f"{sum(now for _, now in changed)}/{sum(original for original, _ in changed)}"
