@@ -73,7 +73,7 @@ class NetworkSlimming(StructuredPruning):
             ``lam_end`` (``"constant"``: ``lam`` from ``lam_start`` on).
         lam_start: Step or fraction where the penalty starts.
         lam_end: Step or fraction where it reaches ``lam`` (ramped schedules).
-        round_to: Kept widths rounded up to a multiple of this.
+        round_to: Kept widths rounded to the nearest multiple of this (at least one).
         carry_optimizer_state: Carry optimizer state to the surviving channels.
         log_histogram: Log the ``|gamma|`` histogram to loggers that support it.
     """

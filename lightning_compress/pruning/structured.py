@@ -127,8 +127,9 @@ class StructuredPruning(CompressionCallback):
             ``"local"``: every group loses the same fraction.
         hard_prune_at: When channels are physically removed: ``"end"`` (the schedule's ``end``
             step), an int training step or a float fraction of training; not before ``end``.
-        round_to: Kept widths are rounded up to a multiple of this (e.g. 8 for SIMD-friendly
-            widths); a group narrower than ``round_to`` is an error.
+        round_to: Kept widths are rounded to the nearest multiple of this (at least one multiple; e.g.
+            8 for SIMD-friendly widths); a group narrower than ``round_to`` is an error. With
+            ``target_ratio`` in global scope the total removed still reaches the target.
         schedule: ``"cubic"``, ``"linear"``, ``"exponential"``, ``"polynomial"`` or ``"constant"``
             (one-shot at ``start``).
         start: First update (int step or float fraction of training).
@@ -358,11 +359,11 @@ class StructuredPruning(CompressionCallback):
             ratio = float(self.target_ratio or 0.0)
             if self.scope == "local":
                 for g in self.groups:
-                    if round(ratio * g.size) > g.size - self._floor:
+                    if round(ratio * g.size) >= g.size:  # (round_to rounds a partial removal, never this)
                         raise ValueError(
                             f"{self.name}: `target_ratio`={ratio!r} with scope='local' would empty layer "
-                            f"{g.name!r} ({g.size} channels, at least {self._floor} must stay); expected "
-                            f"target_ratio <= {(g.size - self._floor) / g.size:.4f}, or exclude the layer."
+                            f"{g.name!r} ({g.size} channels); expected target_ratio < "
+                            f"{(g.size - 0.5) / g.size:.4f}, or exclude the layer."
                         )
                 return
             most = (
