@@ -264,6 +264,13 @@ class MaskSet:
         overall = sum(z for z, _ in per_module.values()) / total if total else 0.0
         return overall, {m: z / t for m, (z, t) in per_module.items()}
 
+    def clean_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> int:
+        """Reset the optimizer state of every masked entry (see :func:`clean_optimizer_state`)."""
+        if not self._masks:
+            return 0
+        masks = {id(self._params[n]): m for n, m in self._masks.items() if n in self._params}
+        return clean_optimizer_state(optimizers, masks)
+
     def sparsity(self) -> float:
         """Fraction of masked-out entries over all masks (0.0 when empty)."""
         counts = self.counts().values()

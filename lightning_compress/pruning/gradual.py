@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.engine import Constraint
 from lightning_compress.core.importance import Importance, make_importance
-from lightning_compress.core.masks import MaskSet, clean_optimizer_state
+from lightning_compress.core.masks import MaskSet
 from lightning_compress.core.params import TargetParam, select_parameters
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
@@ -371,9 +371,7 @@ class GradualPruning(CompressionCallback):
             self._clean_optimizer_state(self._trainer)
 
     def _clean_optimizer_state(self, trainer: pl.Trainer) -> None:
-        if len(self.masks):
-            masks = {id(self.masks.parameter(n)): self.masks[n] for n in self.masks.names}
-            clean_optimizer_state(trainer.optimizers, masks)
+        self.masks.clean_optimizer_state(trainer.optimizers)
 
     # ------------------------------------------------------------------ checkpointing
     @override

@@ -27,7 +27,7 @@ from lightning_compress.core.channels import (
     removal_ops,
 )
 from lightning_compress.core.engine import Constraint
-from lightning_compress.core.masks import MaskSet, clean_optimizer_state
+from lightning_compress.core.masks import MaskSet
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at, validate_step_arg
 from lightning_compress.core.surgery import channel_widths
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
@@ -708,9 +708,7 @@ class StructuredPruning(CompressionCallback):
             self._capture = None
 
     def _clean_optimizer_state(self, trainer: pl.Trainer) -> None:
-        if len(self.masks):
-            masks = {id(self.masks.parameter(n)): self.masks[n] for n in self.masks.names}
-            clean_optimizer_state(trainer.optimizers, masks)
+        self.masks.clean_optimizer_state(trainer.optimizers)
 
     # ------------------------------------------------------------------ checkpointing
     @override

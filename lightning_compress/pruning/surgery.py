@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.engine import MASK, MASK_GRADS, Constraint
-from lightning_compress.core.masks import MaskSet, clean_optimizer_state
+from lightning_compress.core.masks import MaskSet
 from lightning_compress.core.params import TargetParam, select_parameters
 from lightning_compress.core.schedules import SCHEDULES, StepSchedule, sparsity_at
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
@@ -510,9 +510,8 @@ class DynamicNetworkSurgery(CompressionCallback):
             self._clean_optimizer_state()
 
     def _clean_optimizer_state(self) -> None:
-        if self._trainer is not None and len(self.masks):
-            masks = {id(self.masks.parameter(n)): self.masks[n] for n in self.masks.names}
-            clean_optimizer_state(self._trainer.optimizers, masks)
+        if self._trainer is not None:
+            self.masks.clean_optimizer_state(self._trainer.optimizers)
 
     @override
     def on_structure_change(self, pl_module: pl.LightningModule, changes: list[Any]) -> None:
