@@ -55,6 +55,23 @@ def _scatter(group: ChannelGroup, member: GroupMember, values: Tensor, out: Tens
     out.index_add_(0, member.channels, values.to(torch.float64).cpu())
 
 
+def _filter_scores(
+    root: nn.Module, groups: Sequence[ChannelGroup], per_filter: Callable[[Tensor], Tensor]
+) -> list[Tensor]:
+    """Per-channel scores from the filters that produce each group's channels.
+
+    ``per_filter`` maps a producing weight's rows (one float64 row per channel position) to one
+    value per row; the values are summed onto the group's channels over its producers.
+    """
+    out = []
+    for g in groups:
+        s = torch.zeros(g.size, dtype=torch.float64)
+        for m in g.weights(OUT):
+            _scatter(g, m, per_filter(_per_position(m, _param(root, m.tensor)).to(torch.float64)), s)
+        out.append(s)
+    return out
+
+
 class ChannelImportance:
     """Base class: per-channel scores of channel groups.
 
@@ -110,14 +127,9 @@ class NormImportance(ChannelImportance):
 
     @override
     def scores(self, root: nn.Module, groups: Sequence[ChannelGroup]) -> list[Tensor]:
-        out = []
-        for g in groups:
-            s = torch.zeros(g.size, dtype=torch.float64)
-            for m in g.weights(OUT):
-                rows = _per_position(m, _param(root, m.tensor)).to(torch.float64)
-                _scatter(g, m, rows.norm(p=self.p, dim=1) if self.p == 2 else rows.abs().sum(1), s)
-            out.append(s)
-        return out
+        if self.p == 2:
+            return _filter_scores(root, groups, lambda rows: rows.norm(dim=1))
+        return _filter_scores(root, groups, lambda rows: rows.abs().sum(1))
 
 
 class FPGMImportance(ChannelImportance):
@@ -125,14 +137,7 @@ class FPGMImportance(ChannelImportance):
 
     @override
     def scores(self, root: nn.Module, groups: Sequence[ChannelGroup]) -> list[Tensor]:
-        out = []
-        for g in groups:
-            s = torch.zeros(g.size, dtype=torch.float64)
-            for m in g.weights(OUT):
-                rows = _per_position(m, _param(root, m.tensor)).to(torch.float64)
-                _scatter(g, m, torch.cdist(rows, rows).sum(1), s)
-            out.append(s)
-        return out
+        return _filter_scores(root, groups, lambda rows: torch.cdist(rows, rows).sum(1))
 
 
 class BNScaleImportance(ChannelImportance):
