@@ -62,9 +62,9 @@ def test_slim_existing_trainer_example(tmp_path):
     finally:
         sys.path.pop(0)
     result = slim_existing_trainer.main(
-        ["--max-epochs", "3", "--keep-macs", "0.4", "--root-dir", str(tmp_path)]
+        ["--max-epochs", "6", "--keep-macs", "0.4", "--root-dir", str(tmp_path)]
     )
     assert result["macs_kept"] <= 0.4 + 1e-9
     assert result["params"] < 0.6 * result["dense_params"]  # channels physically gone
     assert result["same_outputs"] == 1.0  # load_checkpoint rebuilt the slim, fused model exactly
-    assert result["test_acc"] > 0.8
+    assert result["test_acc"] > 0.9
