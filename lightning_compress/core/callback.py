@@ -19,6 +19,7 @@ student) and its ``StepSchedule`` objects.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,7 +27,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_debug
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 from typing_extensions import override
 
 from lightning_compress.core.engine import CompressionEngine, Constraint, flushing_denormals, get_engine
@@ -71,6 +73,79 @@ def compression_root(pl_module: nn.Module) -> tuple[nn.Module, str]:
         f"{type(pl_module).__name__}.compression_root is {type(root).__name__}, which is not a submodule "
         "of the LightningModule; it must return one of its own submodules (e.g. self.student)."
     )
+
+
+class InputCapture:
+    """Keep the latest input of a module's forward (a forward pre-hook) until :meth:`take`.
+
+    For techniques that need the model's input and have no ``example_input_array``: the input of the
+    compression root's forward during the first training step, replayable as ``module(*value)`` or
+    ``module(**value)``.
+
+    Args:
+        module: The module whose forward input to keep (the compression root).
+        owner: The technique's name, for error messages.
+    """
+
+    def __init__(self, module: nn.Module, owner: str) -> None:
+        self.owner = owner
+        self.module_name = type(module).__name__
+        self.value: Any = None
+        self._handle: Any = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The hook: keep the input as a tuple of positional or a dict of keyword arguments."""
+        patched = module.__dict__.get("forward")
+        if patched is not None and "_ForwardRedirection" in getattr(patched, "__qualname__", ""):
+            # Lightning's DDP wrapper routes `training_step(batch, batch_idx)` through the module's
+            # __call__ with a patched forward: not a model input. The real forward comes next.
+            return
+        args, kwargs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
+        if not kwargs:
+            self.value = tuple(args)
+            return
+        if not args:
+            self.value = dict(kwargs)
+            return
+        signature = inspect.signature(module.forward)
+        try:  # positional and keyword arguments: bind them all by name
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            bound = None
+        if bound is None or any(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()
+        ):
+            self.value = ValueError(
+                f"{self.owner}: the training forward of {type(module).__name__} mixed positional and "
+                "keyword arguments that cannot be replayed; set `example_input_array` on the "
+                "LightningModule."
+            )
+            return
+        self.value = dict(bound.arguments)
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def take(self, purpose: str) -> Any:
+        """Remove the hook and return the kept input.
+
+        Raises:
+            ValueError: No replayable input was seen; the message says ``purpose`` and what to do.
+        """
+        self.remove()
+        value, self.value = self.value, None
+        if isinstance(value, Exception):
+            raise value
+        if value is None:
+            raise ValueError(
+                f"{self.owner} needs the model's input {purpose}: the training step did not call the "
+                f"forward of the compression root ({self.module_name}), so no batch could be captured. "
+                "Set `example_input_array` on the LightningModule (an input its forward accepts)."
+            )
+        return value
 
 
 class CompressionCallback(pl.Callback):
@@ -231,6 +306,7 @@ __all__ = [
     "REFUSED_STRATEGIES",
     "SUPPORTED_STRATEGIES",
     "CompressionCallback",
+    "InputCapture",
     "compression_root",
     "flushing_denormals",
     "is_distributed",

@@ -16,7 +16,6 @@ callback:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,9 +23,9 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map_only
 from typing_extensions import override
 
+from lightning_compress.core.callback import InputCapture
 from lightning_compress.core.cost import (
     ENERGY_LAYERS,
     EnergyTable,
@@ -392,8 +391,7 @@ class EnergyAwarePruning(GradualPruning):
         self.energy_reduction = 0.0  # estimated removed fraction, from the masks
         #: Energy model inputs of the targeted layers, by module name (None until measured).
         self.profile: dict[str, LayerEnergy] | None = None
-        self._captured: Any = None
-        self._capture_handle: Any = None
+        self._capture_handle: InputCapture | None = None
         #: Largest reachable ``target_energy_reduction`` (known once the profile is measured).
         self.max_energy_reduction: float | None = None
         self._shapes: dict[str, list[int]] = {}  # weight shapes the profile describes
@@ -432,7 +430,6 @@ class EnergyAwarePruning(GradualPruning):
     def compression_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().compression_setup(trainer, pl_module)
         self._remove_capture_hook()
-        self._captured = None
         root = self._root
         assert root is not None
         if self.profile is not None and self._profile_matches():
@@ -445,36 +442,7 @@ class EnergyAwarePruning(GradualPruning):
         if example is not None:
             self._measure(trainer.precision_plugin.convert_input(example), "`example_input_array`")
         else:
-            self._capture_handle = root.register_forward_pre_hook(self._capture, with_kwargs=True)
-
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook on the root until the first training step: keep its latest input."""
-        patched = module.__dict__.get("forward")
-        if patched is not None and "_ForwardRedirection" in getattr(patched, "__qualname__", ""):
-            # Lightning's DDP wrapper routes `training_step(batch, batch_idx)` through the module's
-            # __call__ with a patched forward: not a model input. The real forward comes next.
-            return
-        args, kwargs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
-        if not kwargs:
-            self._captured = tuple(args)
-            return
-        if not args:
-            self._captured = dict(kwargs)
-            return
-        signature = inspect.signature(module.forward)
-        try:  # positional and keyword arguments: bind them all by name
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
-            bound = None
-        if bound is None or any(
-            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()
-        ):
-            self._captured = ValueError(
-                f"{self.name}: the training forward of {type(module).__name__} mixed positional and keyword "
-                "arguments that cannot be replayed; set `example_input_array` on the LightningModule."
-            )
-            return
-        self._captured = dict(bound.arguments)
+            self._capture_handle = InputCapture(root, self.name)
 
     def _remove_capture_hook(self) -> None:
         if self._capture_handle is not None:
@@ -549,18 +517,10 @@ class EnergyAwarePruning(GradualPruning):
     @override
     def begin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self.profile is None:
-            self._remove_capture_hook()
-            captured, self._captured = self._captured, None
-            if isinstance(captured, Exception):
-                raise captured
-            if captured is None:
-                root = type(self._root).__name__
-                raise ValueError(
-                    f"{self.name} needs the model's input to estimate energy: the training step did not "
-                    f"call the forward of the compression root ({root}), so no batch could be "
-                    "captured. Set `example_input_array` on the LightningModule (an input its forward "
-                    "accepts)."
-                )
+            capture, self._capture_handle = self._capture_handle, None
+            if capture is None:  # (compression_setup always installs one when there is no profile)
+                capture = InputCapture(self._root, self.name)
+            captured = capture.take("to estimate energy")
             self._measure(captured, "the first training batch")
         super().begin_step(trainer, pl_module, step)
 

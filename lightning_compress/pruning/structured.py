@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal
 
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 from typing_extensions import override
 
-from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.callback import CompressionCallback, InputCapture
 from lightning_compress.core.channel_importance import (
     CHANNEL_CRITERIA,
     ChannelImportance,
@@ -64,32 +63,6 @@ def _like_model(example: Any, root: nn.Module) -> Any:
         return t.to(p.device, p.dtype) if t.is_floating_point() else t.to(p.device)
 
     return tree_map_only(Tensor, cast, example)
-
-
-class _InputCapture:
-    """Forward pre-hook on the root that keeps its latest input (until the first training step)."""
-
-    def __init__(self, root: nn.Module) -> None:
-        self.value: Any = None
-        self.handle = root.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        patched = module.__dict__.get("forward")
-        if patched is not None and "_ForwardRedirection" in getattr(patched, "__qualname__", ""):
-            return  # Lightning's DDP redirection of training_step through __call__: not an input
-        args, kwargs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
-        if not kwargs:
-            self.value = tuple(args)
-        elif not args:
-            self.value = dict(kwargs)
-        else:
-            try:
-                self.value = dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
-            except TypeError:
-                self.value = None
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 class StructuredPruning(CompressionCallback):
@@ -240,7 +213,7 @@ class StructuredPruning(CompressionCallback):
         self.params_kept = 1.0
         self.removed: dict[str, list[int]] = {}  # layer -> [original, kept] output channels
         self._restored: dict[str, Any] | None = None
-        self._capture: _InputCapture | None = None
+        self._capture: InputCapture | None = None
         self._root: nn.Module | None = None
         self._trainer: pl.Trainer | None = None
         self._next_update: int | None = None
@@ -398,7 +371,7 @@ class StructuredPruning(CompressionCallback):
             return
         if not self.groups:  # no example_input_array: trace on the first batch
             if self._capture is None:
-                self._capture = _InputCapture(root)
+                self._capture = InputCapture(root, self.name)
         else:
             self._bind()
         self._plan_next_update(self.engine.clock if self.engine is not None else trainer.global_step)
@@ -466,15 +439,10 @@ class StructuredPruning(CompressionCallback):
             return
         if not self.groups:
             capture, self._capture = self._capture, None
-            if capture is not None:
-                capture.remove()
-            if capture is None or capture.value is None:
-                raise ValueError(
-                    f"{self.name} needs the model's input to trace its channels: set `example_input_array` "
-                    f"on {type(self._root).__name__} (an input its forward accepts); the training step did "
-                    "not call the root's forward with replayable arguments."
-                )
-            self._build(capture.value, "the first training batch")
+            if capture is None:
+                capture = InputCapture(self._root, self.name)
+            example = capture.take("to trace its channels")
+            self._build(example, "the first training batch")
             self._bind()
         self.importance.begin_step()
         if self._stale:
