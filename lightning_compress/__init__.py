@@ -33,7 +33,7 @@ from lightning_compress.core.surgery import (
     register_module_class,
 )
 from lightning_compress.core.targets import select_modules
-from lightning_compress.export import SparseLinear, to_sparse
+from lightning_compress.export import SparseLinear, export_onnx, to_sparse
 from lightning_compress.pruning import (
     DynamicNetworkSurgery,
     EnergyAwarePruning,
@@ -42,7 +42,7 @@ from lightning_compress.pruning import (
     SparsityRegularizer,
     StructuredPruning,
 )
-from lightning_compress.quantization import LayerFusion, fuse
+from lightning_compress.quantization import LayerFusion, LowBitWeights, QuantizationAwareTraining, fuse
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
 __version__ = "0.1.0"
@@ -70,10 +70,12 @@ __all__ = [
     "LAMPImportance",
     "LayerEnergy",
     "LayerFusion",
+    "LowBitWeights",
     "MagnitudeImportance",
     "MaskSet",
     "NetworkSlimming",
     "NormImportance",
+    "QuantizationAwareTraining",
     "RandomImportance",
     "SparseLinear",
     "SparsityRegularizer",
@@ -88,6 +90,7 @@ __all__ = [
     "compression_root",
     "compression_summary",
     "energy_profile",
+    "export_onnx",
     "fuse",
     "get_engine",
     "load_checkpoint",

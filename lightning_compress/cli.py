@@ -43,7 +43,7 @@ from lightning_compress.core.engine import CHECKPOINT_KEY
 from lightning_compress.core.surgery import replay_recipe
 from lightning_compress.report import CompressionSummary, compression_summary
 
-__all__ = ["CompressionCLI", "main"]
+__all__ = ["CompressionCLI", "export", "main"]
 
 
 class CompressionCLI(LightningCLI):
@@ -141,11 +141,99 @@ def report(args: Sequence[str]) -> CompressionSummary:
     return summary
 
 
+def _import_class(path: str) -> type[pl.LightningModule]:
+    import importlib
+
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"--model_class={path!r}: cannot import it ({err}).") from err
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise ValueError(f"--model_class={path!r} is not a LightningModule subclass.")
+    return cls
+
+
+def export(args: Sequence[str]) -> str:
+    """``lightning-compress export``: write a trained model as ONNX (QDQ int8 when it was quantized).
+
+    The model is rebuilt from the checkpoint: its class from ``--config`` (the recipe, as for
+    ``fit``), ``--model_class``, or the class path LightningCLI stored in the checkpoint's
+    hyper-parameters; the structure recipe is replayed and the weights loaded
+    (:func:`~lightning_compress.core.surgery.load_checkpoint`), then the
+    :class:`~lightning_compress.QuantizationAwareTraining` state in the checkpoint (if any) is re-applied
+    (:func:`~lightning_compress.quantization.qat.restore_quantization`) and the model is exported with
+    :func:`~lightning_compress.export_onnx` on its ``example_input_array``.
+
+    Usage::
+
+        lightning-compress export --ckpt_path last.ckpt --format onnx --output model.onnx
+        lightning-compress export --config recipe.yaml --ckpt_path last.ckpt --format onnx
+
+    Returns:
+        The path written.
+    """
+    from lightning_compress.core.surgery import load_checkpoint
+    from lightning_compress.export.onnx import INTEGER_OPS, export_onnx, optimized_ops
+    from lightning_compress.quantization.qat import restore_quantization
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-compress export",
+        description="Export a trained model (a checkpoint) to ONNX; quantized models become QDQ int8 graphs.",
+        epilog="Every other argument (--config, --model.*, ...) is read as by `lightning-compress fit`.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="the checkpoint to export")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
+    parser.add_argument("--output", help="output file (default: the checkpoint path with .onnx)")
+    parser.add_argument("--model_class", help="LightningModule class path, when there is no --config")
+    own, rest = parser.parse_known_args(list(args))
+    if not os.path.isfile(own.ckpt_path):
+        parser.error(f"--ckpt_path={own.ckpt_path!r}: no such file")
+    checkpoint = torch.load(own.ckpt_path, map_location="cpu", weights_only=True)
+    if rest:
+        model = CompressionCLI(args=rest, run=False).model
+        recipe = (checkpoint.get(CHECKPOINT_KEY) or {}).get("recipe", [])
+        if recipe:
+            replay_recipe(model, recipe)
+        model.load_state_dict(checkpoint["state_dict"])
+    else:
+        class_path = own.model_class or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+        if class_path is None:
+            parser.error(
+                "the checkpoint does not say which LightningModule it holds: give --config RECIPE.yaml "
+                "or --model_class package.module.Class"
+            )
+        try:
+            cls = _import_class(class_path)
+        except ValueError as err:
+            parser.error(str(err))
+        model = load_checkpoint(cls, own.ckpt_path)
+    model.eval()
+    restore_quantization(model, checkpoint)
+    example = getattr(model, "example_input_array", None)
+    if example is None:
+        parser.error(
+            f"{type(model).__name__} has no example_input_array; set it in the module so the exporter "
+            "knows the input shape."
+        )
+    output = own.output or os.path.splitext(own.ckpt_path)[0] + ".onnx"
+    try:
+        export_onnx(model, example, output)
+    except ValueError as err:
+        parser.error(str(err))
+    ops = optimized_ops(output)
+    integer = sorted({op for op in ops if op in INTEGER_OPS})
+    kind = f"integer kernels: {', '.join(integer)}" if integer else "float graph"
+    Console().print(f"wrote {output} ({kind})")
+    return output
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-compress`` console script.
 
     ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's; ``report`` prints the
-    compression summary of a recipe's model, optionally loaded from a checkpoint (see :func:`report`).
+    compression summary of a recipe's model, optionally loaded from a checkpoint (see :func:`report`);
+    ``export`` writes a checkpoint's model as ONNX (see :func:`export`).
 
     Args:
         args: Command-line style arguments; ``None`` reads ``sys.argv``.
@@ -154,6 +242,9 @@ def main(args: ArgsType = None) -> None:
         argv = list(sys.argv[1:] if args is None else args)
         if argv and argv[0] == "report":
             report(argv[1:])
+            return
+        if argv and argv[0] == "export":
+            export(argv[1:])
             return
     CompressionCLI(args=args)
 

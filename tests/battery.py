@@ -279,7 +279,9 @@ class Entry:
         model: Key of :data:`MODELS`.
         state: Tensors that must agree across DDP ranks and between an interrupted-and-resumed run
             and an uninterrupted one (default: every compression callback's masks / state).
-        loads_with: ``"load_from_checkpoint"`` (shape-preserving) or ``"load_checkpoint"``.
+        loads_with: ``"load_from_checkpoint"`` (shape-preserving), ``"load_checkpoint"`` or
+            ``"restore_quantization"`` (``load_from_checkpoint`` gives the float weights, then the QAT
+            callback state in the checkpoint re-applies the quantizers).
         changes_structure: Whether the entry changes parameter shapes.
         bad_args: ``(kwargs, regex)``: ``make(**kwargs)`` raises ValueError matching regex.
         checkpoint_after_fit: The compressed model exists only once training ended (layer fusion):
@@ -564,6 +566,113 @@ def _structured_check(ratio: float | None = None) -> Callable[[list[pl.Callback]
     return check
 
 
+def _qat_check(bits: int = 8) -> Callable[[list[pl.Callback], nn.Module], None]:
+    """Every targeted layer is fake-quantized, on its grid, with an observed range; the forward really quantizes."""
+
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        from lightning_compress.quantization.fake_quant import dequantize_model, quantized_layers
+
+        root = compressed_root(model)
+        layers = quantized_layers(root)
+        assert layers, "no quantized layer"
+        with torch.no_grad():
+            for name, layer in layers.items():
+                assert layer.weight_quant.bits == bits, name
+                assert layer.weight_quant.enabled, name
+                assert layer.input_quant.ready, name
+                qw = layer.quantized_weight()
+                qmax = 2 ** (bits - 1) - 1
+                scale = qw.abs().flatten(1).amax(1).clamp_min(1e-12) / qmax
+                levels = qw / scale.reshape((-1,) + (1,) * (qw.dim() - 1))
+                torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+                assert levels.abs().max() <= qmax + 1e-3
+                # zero weights (pruned) stay exactly zero after fake quantization
+                assert torch.equal(qw[layer.weight == 0], torch.zeros_like(qw[layer.weight == 0]))
+            training = model.training
+            model.eval()
+            x = torch.randn(3, 4, 6, 6)
+            quantized = model(x)
+            import copy
+
+            plain = copy.deepcopy(model)
+            dequantize_model(compressed_root(plain))
+            assert not torch.equal(plain(x), quantized), "the forward does not quantize"
+            model.train(training)
+
+    return check
+
+
+def _qat_state(callbacks: list[pl.Callback]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, lc.QuantizationAwareTraining):
+            for name, layer in cb.layers.items():
+                q = layer.input_quant
+                out[f"{i}:{name}:min"] = q.min_val.detach().cpu().clone()
+                out[f"{i}:{name}:max"] = q.max_val.detach().cpu().clone()
+                if q.learned_scale is not None:
+                    out[f"{i}:{name}:lsq"] = q.learned_scale.detach().cpu().clone()
+        elif isinstance(getattr(cb, "masks", None), lc.MaskSet):
+            out.update({f"{i}:{n}": cb.masks[n].cpu() for n in cb.masks.names})
+    return out
+
+
+_QAT_BAD = [
+    ({"weight_bits": 1}, r"`weight_bits`=1 is not supported; expected an int from 2 to 8"),
+    ({"activation_bits": 16}, r"`activation_bits`=16 is not supported; expected an int from 2 to 8"),
+    (
+        {"start": 10, "freeze_bn_at": 4},
+        r"`freeze_bn_at`=4 is before `start`=10; expected freeze_bn_at >= start",
+    ),
+    (
+        {"start": 10, "freeze_observers_at": 4},
+        r"`freeze_observers_at`=4 is before `start`=10; expected freeze_observers_at >= start",
+    ),
+    ({"learn_scales": True, "freeze_observers_at": None}, r"`learn_scales`=True needs `freeze_observers_at`"),
+    ({"init": "zeroq"}, r"`init`='zeroq' is not supported; expected one of \['observe', 'data_free'\]"),
+]
+#: Float warm-up to step 4, BatchNorm frozen at 20, observers at 24.
+_QAT_SCHED = {"start": 4, "freeze_bn_at": 20, "freeze_observers_at": 24}
+
+
+def _lowbit_check(levels_per_channel: int) -> Callable[[list[pl.Callback], nn.Module], None]:
+    """The targeted weights hold binary / ternary values; the first and last layers stay float."""
+
+    def check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+        root = compressed_root(model)
+        cb = next(c for c in callbacks if isinstance(c, lc.LowBitWeights))
+        assert cb.param_names, "no layer quantized"
+        for name in cb.param_names:
+            w = root.get_parameter(name).detach()
+            for row in w.flatten(1):
+                assert row.unique().numel() <= levels_per_channel, name
+        quantized = {n.rsplit(".", 1)[0] for n in cb.param_names}
+        layers = [n for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert layers[0] not in quantized
+        assert layers[-1] not in quantized
+
+    return check
+
+
+def _lowbit_state(callbacks: list[pl.Callback]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, lc.LowBitWeights):
+            out.update({f"{i}:shadow:{n}": t.detach().cpu().clone() for n, t in cb.shadow.items()})
+        elif isinstance(getattr(cb, "masks", None), lc.MaskSet):
+            out.update({f"{i}:{n}": cb.masks[n].cpu() for n in cb.masks.names})
+    return out
+
+
+_LOWBIT_BAD = [
+    (
+        {"mode": "quaternary"},
+        r"`mode`='quaternary' is not supported; expected one of \['binary', 'ternary', 'ttq'\]",
+    ),
+    ({"mode": "ttq", "ttq_threshold": 1.5}, r"`ttq_threshold`=1.5 is not supported"),
+]
+
+
 REGISTRY: list[Entry] = [
     Entry(
         "gradual-magnitude-global",
@@ -779,6 +888,87 @@ REGISTRY: list[Entry] = [
         loads_with="load_checkpoint",
         changes_structure=True,
         checkpoint_after_fit=True,
+    ),
+    Entry(
+        "qat-int8-bn-cnn",  # BatchNorm folded while training, frozen at 20; observers frozen at 24
+        lambda **kw: [lc.QuantizationAwareTraining(**{**_QAT_SCHED, **kw})],
+        _qat_check(8),
+        model="bn-cnn",
+        state=_qat_state,
+        loads_with="restore_quantization",
+        bad_args=_QAT_BAD,
+    ),
+    Entry(
+        "qat-4bit-lsq-resnet",  # 4-bit weights, 6-bit activations, learned step sizes from step 16
+        lambda **kw: [
+            lc.QuantizationAwareTraining(
+                **{
+                    "weight_bits": 4,
+                    "activation_bits": 6,
+                    "learn_scales": True,
+                    "freeze_observers_at": 16,
+                    **kw,
+                }
+            )
+        ],
+        _qat_check(4),
+        model="resnet",
+        state=_qat_state,
+        loads_with="restore_quantization",
+    ),
+    Entry(
+        "qat-wrapper-student",
+        lambda **kw: [lc.QuantizationAwareTraining(**{"start": 2, **kw})],
+        _qat_check(8),
+        model="wrapper",
+        state=_qat_state,
+        loads_with="restore_quantization",
+    ),
+    Entry(
+        "stacked-gradual+qat",  # pruned weights stay exactly zero in the quantized weights
+        _stack(
+            lambda **kw: lc.GradualPruning(**{"target_sparsity": 0.75, **_SCHED, **kw}),
+            lambda: lc.QuantizationAwareTraining(start=2),
+        ),
+        _both(_pruning_check(0.75), _qat_check(8)),
+        state=_qat_state,
+        loads_with="restore_quantization",
+    ),
+    Entry(
+        "stacked-qat+gradual-bn-cnn",
+        _stack(
+            lambda **kw: lc.QuantizationAwareTraining(**{**_QAT_SCHED, **kw}),
+            lambda: lc.GradualPruning(target_sparsity=0.75, **_SCHED),
+        ),
+        _both(_pruning_check(0.75), _qat_check(8)),
+        model="bn-cnn",
+        state=_qat_state,
+        loads_with="restore_quantization",
+    ),
+    Entry(
+        "lowbit-ternary-mlp",  # TWN: {-a, 0, a} per layer (fc2 only: fc1 and fc3 are first / last)
+        lambda **kw: [lc.LowBitWeights(**{"mode": "ternary", "start": 2, **kw})],
+        _lowbit_check(3),
+        model="mlp",
+        state=_lowbit_state,
+        bad_args=_LOWBIT_BAD,
+    ),
+    Entry(
+        "lowbit-binary-bn-cnn",  # BinaryConnect with per-channel scales: 2 values per output channel
+        lambda **kw: [lc.LowBitWeights(**{"mode": "binary", **kw})],
+        _lowbit_check(2),
+        model="bn-cnn",
+        state=_lowbit_state,
+    ),
+    Entry(
+        "stacked-gradual+lowbit-ttq-mlp",  # learned scales; pruned weights stay zero
+        _stack(
+            lambda **kw: lc.GradualPruning(**{"target_sparsity": 0.5, "targets": ["fc2"], **_SCHED, **kw}),
+            lambda: lc.LowBitWeights(mode="ttq"),
+        ),
+        _both(_pruning_check(0.5), _lowbit_check(3)),
+        model="mlp",
+        state=_lowbit_state,
     ),
 ]
 

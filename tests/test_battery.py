@@ -33,7 +33,12 @@ def _load(entry: Entry, path: Path) -> pl.LightningModule:
     cls = type(entry.build_model())
     if entry.loads_with == "load_checkpoint":
         return lc.load_checkpoint(cls, path)
-    return cls.load_from_checkpoint(path)
+    model = cls.load_from_checkpoint(path)
+    if entry.loads_with == "restore_quantization":
+        from lightning_compress.quantization import restore_quantization
+
+        assert restore_quantization(model, str(path)), "no QAT state in the checkpoint"
+    return model
 
 
 def test_every_exported_callback_has_an_entry() -> None:
