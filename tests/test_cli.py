@@ -14,7 +14,8 @@ import yaml
 from torch import nn
 
 import lightning_compress as lc
-from lightning_compress.cli import CompressionCLI, main, report
+from lightning_compress.cli import CompressionCLI, export, main, report
+from lightning_compress.quantization.fake_quant import quantized_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -202,8 +203,18 @@ def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
         assert all(cb.hard_pruned for cb in structured)
         assert sum(p.numel() for p in cli.model.parameters()) < 0.7 * dense_params
         return
+    qat = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.QuantizationAwareTraining)]
+    lowbit = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.LowBitWeights)]
     weights = [m.weight for m in cli.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    assert _zero_fraction(weights) > 0.3  # every recipe prunes
+    if qat:  # quantization: every targeted layer fake-quantized with an observed range
+        layers = quantized_layers(cli.model)
+        assert layers
+        assert all(layer.weight_quant.enabled and layer.input_quant.ready for layer in layers.values())
+    elif lowbit:  # binary / ternary: at most 3 distinct values per quantized weight
+        for name in lowbit[0].param_names:
+            assert cli.model.get_parameter(name).unique().numel() <= 3, name
+    else:
+        assert _zero_fraction(weights) > 0.3  # every other recipe prunes
 
 
 def test_fit_and_report_a_structured_recipe_rebuild_the_slim_model(tmp_path):
@@ -219,3 +230,44 @@ def test_fit_and_report_a_structured_recipe_rebuild_the_slim_model(tmp_path):
         for k, t in state.items()
         if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     )
+
+
+def test_fit_then_export_a_qat_recipe_gives_an_integer_onnx_model(tmp_path):
+    import onnxruntime as ort
+
+    from lightning_compress.demos import SmallVGG
+    from lightning_compress.export.onnx import optimized_ops
+    from lightning_compress.quantization import restore_quantization
+
+    config = CONFIGS / "vgg_qat_int8.yaml"
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *QUICK])
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "model.onnx"
+    # the class comes from the checkpoint (LightningCLI stores its class path): no --config needed
+    assert export(["--ckpt_path", str(ckpt), "--format", "onnx", "--output", str(out)]) == str(out)
+    assert "QLinearConv" in optimized_ops(out)
+    # the ONNX model computes what the restored fake-quantized model computes
+    model = SmallVGG.load_from_checkpoint(ckpt)
+    assert restore_quantization(model, str(ckpt))
+    model.eval()
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    assert abs(got - expected).max() < 0.05 * abs(expected).max()
+
+
+def test_export_refuses_a_missing_checkpoint_and_an_unknown_class(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export(["--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert "--ckpt_path=" in capsys.readouterr().err
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(SystemExit):
+        export(["--ckpt_path", str(path)])
+    assert "give --config RECIPE.yaml or --model_class" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export(["--ckpt_path", str(path), "--model_class", "torch.nn.Linear"])
+    assert "is not a LightningModule subclass" in capsys.readouterr().err

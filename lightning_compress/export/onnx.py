@@ -9,8 +9,10 @@ layers into ``QGemm`` / ``QLinearMatMul`` / ``MatMulInteger``.
 
 Before exporting, a copy of the model is put in its deployment form: BatchNorms folded into the
 layers before them (:func:`~lightning_compress.quantization.fuse`, the same folding QAT simulated),
-weights of fewer than 8 bits snapped to their grid and written on the int8 grid with the same scale,
-activations of fewer than 8 bits clamped to their range first. Torch's QDQ export is only fused by
+weights of fewer than 8 bits snapped to their grid and written on the int8 grid with the same scale
+(exact), activations of fewer than 8 bits written on the uint8 grid with their trained step size and
+zero point (values above their clipping point are kept, not clipped: a ``Clip`` node would stop
+onnxruntime from fusing the integer kernel). Torch's QDQ export is only fused by
 onnxruntime for the ranges ``(0, 255)`` and ``(-128, 127)``, which is why lower bit widths are
 expressed on the 8-bit grid. The model passed in is never modified.
 """

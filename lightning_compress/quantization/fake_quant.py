@@ -310,12 +310,11 @@ class ActivationQuantizer(_NotInStateDict):
                 x, scale, zero, self.qmin, self.qmax, grad_factor
             )
         if self.export_int8:
-            lo, hi = self.qmin, self.qmax
-            # Constants for the exporter (the tensor-qparams op has no export rule); a `bits` < 8 range
-            # is clamped in float and then written on the 8-bit grid onnxruntime fuses.
+            # Constants for the exporter (the tensor-qparams op has no export rule). A `bits` < 8 input
+            # is written on the uint8 grid with its trained step size and zero point: values above
+            # its clipping point are kept rather than clipped (a Clip node would stop onnxruntime
+            # from fusing the integer kernel).
             s, z = self.export_qparams
-            if self.bits < 8:
-                x = torch.clamp(x, (lo - z) * s, (hi - z) * s)
             return fake_quant_uint8(x, s, z)
         scale, zero = self.qparams()
         out = torch.fake_quantize_per_tensor_affine(
