@@ -553,38 +553,37 @@ def quantize_model(
 def select_quantizable(
     model: nn.Module, targets: Sequence[str], exclude: Sequence[str], owner: str
 ) -> list[str]:
-    """Names of the layers ``targets`` / ``exclude`` select; refuses targeted layers that cannot be quantized.
+    """Names of the layers ``targets`` / ``exclude`` select that can be quantized.
 
-    ``"*"`` (and other wildcard patterns) quietly skip layer types without integer kernels; a pattern
-    without wildcards that names such a layer is an error naming the layer and its type.
+    Wildcard patterns (``"*"``, ``"encoder.*"``) quietly skip layers without a fake-quantized
+    counterpart (a ``Conv3d``, or a ``Linear`` subclass such as ``nn.MultiheadAttention``'s
+    ``out_proj``, whose weight the attention kernel reads directly); a pattern without wildcards that
+    names such a layer is an error naming the layer and its type.
+
+    Raises:
+        ValueError: A named layer cannot be quantized, or nothing quantizable is selected.
     """
-    supported = (*QUANTIZABLE_TYPES, QuantizedLayer)
-    weighted = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.rnn.RNNBase, nn.Embedding, nn.Bilinear)
-    for pattern in targets:
-        if any(ch in pattern for ch in "*?["):
-            continue
+    kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
+    explicit = {p for p in targets if not any(ch in p for ch in "*?[")}
+    for pattern in explicit:
         try:
             module = model.get_submodule(pattern)
         except AttributeError:
             continue  # select_modules reports patterns that match nothing
-        if not isinstance(module, supported) or (
-            type(module) not in QUANTIZABLE_TYPES and quant_class(module) is None
-        ):
-            kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
+        if quant_class(module) is None:
             raise ValueError(
                 f"{owner}: target layer {pattern!r} is a {type(module).__name__}, which cannot be quantized; "
-                f"supported layer types: {kinds}. Remove it from `targets`."
+                f"supported layer types: {kinds} (exactly, not subclasses). Remove it from `targets`."
             )
-    names = select_modules(model, targets, exclude, supported, owner)
-    for name in names:
-        module = model.get_submodule(name)
-        if quant_class(module) is None and any(isinstance(module, t) for t in weighted):
-            kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
-            raise ValueError(
-                f"{owner}: target layer {name!r} is a {type(module).__name__} (a subclass), which cannot be "
-                f"quantized; supported layer types: {kinds}. Add it to `exclude`."
-            )
-    return names
+    candidates = (*QUANTIZABLE_TYPES, QuantizedLayer, nn.modules.conv._ConvNd)
+    names = select_modules(model, targets, exclude, candidates, owner)
+    chosen = [name for name in names if quant_class(model.get_submodule(name)) is not None]
+    if not chosen:
+        raise ValueError(
+            f"{owner}: no quantizable layer matches targets={list(targets)!r} exclude={list(exclude)!r}; "
+            f"supported layer types: {kinds}. Matched but not quantizable: {names}."
+        )
+    return chosen
 
 
 def unbind_stale_bns(model: nn.Module) -> list[str]:

@@ -158,7 +158,8 @@ class QuantizationAwareTraining(CompressionCallback):
         root = self.root(pl_module)
         select_quantizable(root, self.targets, self.exclude, self.name)
         bn_pairs: dict[str, nn.Module] = {}
-        if self.fold_bn:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules())
+        if self.fold_bn and has_bn:
             example = getattr(root, "example_input_array", None)
             if example is not None:
                 bn_pairs = self._find_bn_pairs(root, example)
@@ -261,7 +262,7 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def begin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         if self._capture is not None:
-            example = self._capture.take("to find the BatchNorms to fold (fold_bn=True)")
+            example = self._capture.take("to find the BatchNorms to fold (or pass fold_bn=False)")
             self._capture = None
             root = self.root(pl_module)
             for name, bn in self._find_bn_pairs(root, example).items():
