@@ -42,7 +42,14 @@ from lightning_compress.pruning import (
     SparsityRegularizer,
     StructuredPruning,
 )
-from lightning_compress.quantization import LayerFusion, LowBitWeights, QuantizationAwareTraining, fuse
+from lightning_compress.quantization import (
+    DataFreeQuantization,
+    LayerFusion,
+    LowBitWeights,
+    QuantizationAwareTraining,
+    data_free_quantize,
+    fuse,
+)
 from lightning_compress.report import CompressionReport, CompressionSummary, compression_summary
 
 __version__ = "0.1.0"
@@ -58,6 +65,7 @@ __all__ = [
     "CompressionEngine",
     "CompressionReport",
     "CompressionSummary",
+    "DataFreeQuantization",
     "Constraint",
     "DynamicNetworkSurgery",
     "EnergyAwarePruning",
@@ -89,6 +97,7 @@ __all__ = [
     "channel_widths",
     "compression_root",
     "compression_summary",
+    "data_free_quantize",
     "energy_profile",
     "export_onnx",
     "fuse",

@@ -673,6 +673,18 @@ _LOWBIT_BAD = [
 ]
 
 
+def _dfq_check(callbacks: list[pl.Callback], model: nn.Module) -> None:
+    """Layer pairs equalized, the int8 copy built from distilled data (the DDP dump sees no callback)."""
+    from lightning_compress.quantization.fake_quant import quantized_layers
+
+    cb = next((c for c in callbacks if isinstance(c, lc.DataFreeQuantization)), None)
+    if cb is None:  # DumpState passes CompressionCallbacks only; ranks still compare every parameter
+        return
+    assert cb.pairs, "no pair equalized"
+    assert cb.quantized_model is not None
+    assert quantized_layers(cb.quantized_model)
+
+
 REGISTRY: list[Entry] = [
     Entry(
         "gradual-magnitude-global",
@@ -969,6 +981,18 @@ REGISTRY: list[Entry] = [
         _both(_pruning_check(0.5), _lowbit_check(3)),
         model="mlp",
         state=_lowbit_state,
+    ),
+    Entry(
+        "dfq-bn-cnn",  # equalization + bias absorption at fit end, int8 copy calibrated on ZeroQ data
+        lambda **kw: [lc.DataFreeQuantization(**{"iterations": 20, "num_batches": 1, "batch_size": 8, **kw})],
+        _dfq_check,
+        model="bn-cnn",
+        state=lambda cbs: {},
+        checkpoint_after_fit=True,
+        bad_args=[
+            ({"on": "epoch"}, r"`on`='epoch' is not supported; expected one of \['fit_start', 'fit_end'\]"),
+            ({"weight_bits": 1}, r"`weight_bits`=1 is not supported; expected an int from 2 to 8"),
+        ],
     ),
 ]
 

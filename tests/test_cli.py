@@ -206,7 +206,11 @@ def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
     qat = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.QuantizationAwareTraining)]
     lowbit = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.LowBitWeights)]
     weights = [m.weight for m in cli.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if qat:  # quantization: every targeted layer fake-quantized with an observed range
+    dfq = [cb for cb in cli.trainer.callbacks if isinstance(cb, lc.DataFreeQuantization)]
+    if dfq:  # equalized pairs and an int8 copy calibrated without data
+        assert dfq[0].pairs
+        assert quantized_layers(dfq[0].quantized_model)
+    elif qat:  # quantization: every targeted layer fake-quantized with an observed range
         layers = quantized_layers(cli.model)
         assert layers
         assert all(layer.weight_quant.enabled and layer.input_quant.ready for layer in layers.values())

@@ -336,3 +336,28 @@ def test_freeze_bn_keeps_batchnorm_in_eval_mode_across_epochs(tmp_path: Path) ->
     for a, b in itertools.pairwise(stats[5:]):
         assert torch.equal(a, b)  # running statistics no longer move
     assert model.features[0].folded_bn is model.features[1]
+
+
+def test_data_free_init_equalizes_and_starts_from_distilled_ranges(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = SmallVGG(width=8)
+    before = copy.deepcopy(model).eval()
+    cb = QuantizationAwareTraining(init="data_free", start=2)
+    seen: dict[str, float] = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            # before any training step: ranges exist already (from the synthetic data)
+            for name, layer in quantized_layers(pl_module).items():
+                seen[name] = float(layer.input_quant.max_val)
+            x = torch.rand(4, 1, 28, 28)
+            from lightning_compress.quantization.fake_quant import dequantize_model
+
+            plain = dequantize_model(copy.deepcopy(pl_module)).eval()
+            with torch.no_grad():  # equalization preserved the float function
+                torch.testing.assert_close(plain(x), before(x), rtol=1e-4, atol=1e-4)
+
+    trainer = _trainer(tmp_path, [cb, Spy()], max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer.fit(model, lc.demos.MNIST5kDataModule(batch_size=32))
+    assert seen
+    assert all(v > 0 for v in seen.values())

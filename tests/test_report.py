@@ -87,6 +87,9 @@ def test_to_dict_is_json_serialisable():
         # Output width before / after structure ops: None for a layer they did not narrow.
         "channels_original": None,
         "channels_kept": None,
+        # Quantized storage: None for a float layer (see tests/test_report_quantized.py).
+        "weight_bits": None,
+        "quantized_bytes": None,
     }
     assert data["unattributed"] == {}
     assert data["batch_size"] == 1

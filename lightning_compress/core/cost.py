@@ -99,6 +99,7 @@ __all__ = [
     "BYTES_PER_VALUE",
     "ENERGY_LAYERS",
     "HOROWITZ_45NM",
+    "MAX_LOW_BIT_LEVELS",
     "SUPPORTED_LAYERS",
     "EnergyTable",
     "LayerCost",
@@ -109,6 +110,7 @@ __all__ = [
     "energy_profile",
     "is_cost_row",
     "layer_costs",
+    "low_bit_codebook",
     "measure_latency",
     "model_costs",
     "resolve_energy_table",
@@ -169,6 +171,14 @@ class LayerCost:
             features) of a layer whose output width structure ops changed
             (:func:`~lightning_compress.core.surgery.channel_widths`); ``None`` when it is unchanged.
             Filled in by the summary, ``None`` from :func:`model_costs`.
+        weight_bits: Bits per weight of a quantized row: the weight quantizer's width of a
+            fake-quantized layer, or the width a binary / ternary weight needs
+            (:func:`low_bit_codebook`); ``None`` for a row stored in floating point. Filled in by
+            the summary, ``None`` from :func:`model_costs`.
+        quantized_bytes: Storage of a quantized row: ``ceil(weight.numel() * weight_bits / 8)``
+            plus 4 bytes per fp32 scale, 4 per bias entry (fp32 / int32) and, for a layer that
+            quantizes its input, 8 for that quantizer's scale and zero point; ``None`` when
+            ``weight_bits`` is. Filled in by the summary, ``None`` from :func:`model_costs`.
     """
 
     name: str
@@ -187,6 +197,8 @@ class LayerCost:
     encoding: str | None = None
     encoded_bytes: int | None = None
     channels: tuple[int, int] | None = None
+    weight_bits: int | None = None
+    quantized_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain, JSON-serialisable dictionary."""
@@ -453,6 +465,69 @@ def _row_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tens
     for name, param in module.named_parameters(recurse=False):
         (others if "bias" in name else weights).append(param)
     return weights, others
+
+
+#: Most distinct values per output channel a weight may hold to count as low-bit (2 bits).
+MAX_LOW_BIT_LEVELS = 4
+
+
+def _codebook_size(values: torch.Tensor) -> int:
+    """fp32 values needed to decode the sorted distinct ``values``.
+
+    Zero is free; a sign-symmetric codebook (``v`` in it exactly when ``-v`` is) stores only its
+    magnitudes.
+    """
+    nonzero = values[values != 0]
+    if nonzero.numel() and torch.equal(nonzero, -nonzero.flip(0)):
+        return int((nonzero > 0).sum())
+    return int(nonzero.numel())
+
+
+@torch.no_grad()
+def low_bit_codebook(weight: torch.Tensor) -> tuple[int, int] | None:
+    """Bits per entry and fp32 scales of a weight that holds only a few distinct values, else ``None``.
+
+    Binary (``alpha_c * sign(w)``, XNOR-Net), ternary (TWN ``{-a, 0, a}``, TTQ ``{-wn, 0, wp}``) and
+    other weights with at most :data:`MAX_LOW_BIT_LEVELS` distinct values (exact equality) in every
+    output channel (dim 0): with ``k`` the most distinct values of a channel, ``bits =
+    max(1, ceil(log2(k)))``. The scales are the fp32 values a decoder needs: the distinct non-zero
+    values of each channel (only their magnitudes when the channel's values are sign-symmetric),
+    or, when it is fewer and the whole tensor's distinct values (zero included) fit in ``bits``,
+    those of the whole tensor. Zero needs no scale.
+
+    ``None`` (not low-bit) for a weight with more than :data:`MAX_LOW_BIT_LEVELS` values in some
+    channel, with at most one value in every channel (an all-zero, i.e. fully pruned, weight), with
+    a single non-zero value in all (``{0, v}``: an identity / Dirac initialisation or a mask
+    pattern rather than binary or ternary weights, which carry a sign), or whose scales would be no
+    fewer than its non-zero entries (a tiny float layer whose channels merely have few entries:
+    nothing is saved by a codebook).
+
+    Args:
+        weight: The weight, output channels on dim 0 (a 1-dim tensor is one value per channel).
+
+    Returns:
+        ``(bits, scales)`` or ``None``.
+    """
+    if weight.numel() == 0 or not weight.is_floating_point() or weight.is_meta:
+        return None
+    rows = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
+    # Cheap rejection of an ordinary float layer: its first channel alone has too many values.
+    if torch.unique(rows[0]).numel() > MAX_LOW_BIT_LEVELS:
+        return None
+    ordered = rows.sort(dim=1).values
+    levels = int((ordered[:, 1:] != ordered[:, :-1]).sum(1).max()) + 1 if ordered.shape[1] > 1 else 1
+    if levels <= 1 or levels > MAX_LOW_BIT_LEVELS:
+        return None
+    bits = max(1, math.ceil(math.log2(levels)))
+    scales = sum(_codebook_size(row.unique_consecutive()) for row in ordered)
+    whole = torch.unique(ordered)
+    if int((whole != 0).sum()) < 2:
+        return None
+    if whole.numel() <= 2**bits:
+        scales = min(scales, _codebook_size(whole))
+    if scales >= int(torch.count_nonzero(ordered)):
+        return None
+    return bits, scales
 
 
 #: Bits per relative-index difference in :func:`row_encoding`: 4 for convolutions, 5 otherwise (the

@@ -1,5 +1,6 @@
 """Quantization: quantization-aware training, binary / ternary weights, BatchNorm folding (layer fusion)."""
 
+from lightning_compress.quantization.data_free import DataFreeQuantization, data_free_quantize, distill_data
 from lightning_compress.quantization.fake_quant import (
     QuantConv1d,
     QuantConv2d,
@@ -13,6 +14,7 @@ from lightning_compress.quantization.lowbit import LowBitWeights, add_binary_act
 from lightning_compress.quantization.qat import QuantizationAwareTraining, restore_quantization
 
 __all__ = [
+    "DataFreeQuantization",
     "LayerFusion",
     "LowBitWeights",
     "QuantConv1d",
@@ -22,6 +24,8 @@ __all__ = [
     "QuantizedLayer",
     "add_binary_activations",
     "calibrate",
+    "data_free_quantize",
+    "distill_data",
     "fuse",
     "quantize_model",
     "restore_quantization",

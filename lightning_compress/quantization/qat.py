@@ -36,7 +36,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.core.callback import CompressionCallback, InputCapture
+from lightning_compress.core.callback import CompressionCallback, InputCapture, is_distributed
 from lightning_compress.core.schedules import StepSchedule
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.quantization.fake_quant import (
@@ -157,6 +157,9 @@ class QuantizationAwareTraining(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         root = self.root(pl_module)
         select_quantizable(root, self.targets, self.exclude, self.name)
+        calibration = None
+        if self.init == "data_free" and not self.layers and trainer.ckpt_path is None:
+            calibration = self._equalize(root)
         bn_pairs: dict[str, nn.Module] = {}
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules())
         if self.fold_bn and has_bn:
@@ -179,8 +182,11 @@ class QuantizationAwareTraining(CompressionCallback):
             owner=self.name,
         )
         self._stage = None
-        if self.init == "data_free" and self._loaded is None:
-            self._data_free_init(root)
+        if calibration is not None:
+            from lightning_compress.quantization.fake_quant import calibrate
+
+            calibrate(root, calibration)  # ranges from the synthetic data; the schedule decides the rest
+            self._stage = None
 
     def _find_bn_pairs(self, root: nn.Module, example: Any) -> dict[str, nn.Module]:
         from lightning_compress.quantization.fusion import _resolve_example_input, find_fusion_pairs
@@ -191,10 +197,21 @@ class QuantizationAwareTraining(CompressionCallback):
         self.bn_names = dict(pairs)
         return {layer: root.get_submodule(bn) for layer, bn in pairs}
 
-    def _data_free_init(self, root: nn.Module) -> None:
-        from lightning_compress.quantization.data_free import initialize_ranges
+    def _equalize(self, root: nn.Module) -> list[Any]:
+        """``init="data_free"``: cross-layer equalization in place, then BatchNorm-distilled inputs (ZeroQ)."""
+        from lightning_compress.functional.equalization import cross_layer_equalize
+        from lightning_compress.quantization.data_free import distill_data
 
-        initialize_ranges(root)
+        example = getattr(root, "example_input_array", None)
+        if not isinstance(example, torch.Tensor):
+            raise ValueError(
+                f"{self.name}: `init`='data_free' needs a tensor `example_input_array` on "
+                f"{type(root).__name__} (to trace the layer pairs and shape the synthetic data)."
+            )
+        cross_layer_equalize(root, example_input=example)
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules()):
+            return [example]  # nothing to distill from: start the ranges from the example input
+        return distill_data(root, num_batches=2, batch_size=32, iterations=200, seed=0)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,6 +239,13 @@ class QuantizationAwareTraining(CompressionCallback):
         if self._loaded is not None:
             self._apply_state(self._loaded)
             self._loaded = None
+        elif self.init == "data_free" and is_distributed():
+            # Synthetic calibration ran on each rank's own (pre-DDP-broadcast) weights: use rank 0's.
+            import torch.distributed as dist
+
+            for layer in self.layers.values():
+                for buffer in (layer.input_quant.min_val, layer.input_quant.max_val):
+                    dist.broadcast(buffer, src=0)
         self._apply_stage(self.engine.clock if self.engine is not None else 0)
 
     # ------------------------------------------------------------------ per step

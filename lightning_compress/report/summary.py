@@ -17,17 +17,21 @@ from rich.table import Table
 from torch import nn
 
 from lightning_compress.core.cost import (
+    BYTES_PER_VALUE,
+    ENERGY_LAYERS,
     HOROWITZ_45NM,
     EnergyTable,
     LayerCost,
     _costs_and_energy,
     _model_device,
+    low_bit_codebook,
     measure_latency,
     resolve_energy_table,
     row_encoding,
 )
 from lightning_compress.core.surgery import channel_widths
 from lightning_compress.core.validation import check_int
+from lightning_compress.quantization.fake_quant import QuantizedLayer
 
 __all__ = [
     "CompressionSummary",
@@ -48,7 +52,7 @@ _MIN_NAME = 12
 #: Longest class name shown in the Type column before it is cut with an ellipsis.
 _MAX_KIND = 18
 #: Columns shown only when some row has a value for them.
-_OPTIONAL = frozenset({"channels"})
+_OPTIONAL = frozenset({"channels", "quantized_bytes"})
 #: (key, header, justify) in display order.
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("layer", "Layer", "left"),
@@ -62,6 +66,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dense_bytes", "Dense", "right"),
     ("sparse_bytes", "Sparse", "right"),
     ("encoding", "Enc.", "left"),
+    ("quantized_bytes", "Quant.", "right"),
     ("ratio", "Ratio", "right"),
     ("energy", "Energy", "right"),
 )
@@ -75,6 +80,7 @@ _DROP_ORDER = (
     "ratio",
     "energy",
     "channels",
+    "quantized_bytes",
     "sparse_bytes",
     "effective_macs",
 )
@@ -209,6 +215,44 @@ def _channels_cell(channels: tuple[int, int] | None) -> str:
     return "-" if channels is None else f"{channels[1]}/{channels[0]}"
 
 
+def _quant_cell(quantized_bytes: int | None, bits: int | None) -> str:
+    if quantized_bytes is None:
+        return "-"
+    return format_bytes(quantized_bytes) + ("" if bits is None else f" ({bits}b)")
+
+
+#: Bytes of an input quantizer's parameters: an fp32 scale and an int32 zero point.
+_INPUT_QPARAM_BYTES = 8
+
+
+def _quantized_storage(module: nn.Module) -> tuple[int | None, int | None]:
+    """``(weight_bits, quantized_bytes)`` of a row, ``(None, None)`` when it is not quantized.
+
+    A fake-quantized layer with its weight quantizer enabled stores its weight with the
+    quantizer's bits and one fp32 scale per output channel (or one per tensor), plus the scale and
+    zero point of its input quantizer when it quantizes its input. Any other Linear / Conv layer
+    counts as quantized when its weight holds only a few distinct values (binary / ternary weights,
+    :func:`~lightning_compress.core.cost.low_bit_codebook`), with its codebook's fp32 scales.
+    Biases are 4 bytes per entry either way.
+    """
+    if not isinstance(module, ENERGY_LAYERS):
+        return None, None
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    extra = 0 if bias is None else bias.numel() * BYTES_PER_VALUE
+    if isinstance(module, QuantizedLayer) and module.weight_quant.enabled:
+        bits = module.weight_quant.bits
+        scales = weight.shape[0] if module.weight_quant.per_channel else 1
+        if module.quantize_input:
+            extra += _INPUT_QPARAM_BYTES
+    else:
+        found = low_bit_codebook(weight)
+        if found is None:
+            return None, None
+        bits, scales = found
+    return bits, -(-weight.numel() * bits // 8) + scales * BYTES_PER_VALUE + extra
+
+
 def format_ms(milliseconds: float) -> str:
     """Milliseconds with three or more significant digits: ``0.123 ms``, ``4.10 ms``, ``123 ms``."""
     if milliseconds >= 100:
@@ -274,7 +318,8 @@ class CompressionSummary:
     ``unattributed_macs`` (sum of ``unattributed``), ``total_macs = dense_macs + unattributed_macs``
     and ``total_effective_macs = effective_macs + unattributed_macs`` (everything the counter saw,
     per sample), ``dense_bytes``, ``sparse_bytes`` and ``compression_ratio``
-    (``dense_bytes / sparse_bytes``), ``encoded_bytes`` (every row in its best encoding), and the
+    (``dense_bytes / sparse_bytes``), ``encoded_bytes`` (every row in its best encoding),
+    ``quantized_bytes`` (quantized rows quantized, the others fp32; ``None`` without one), and the
     energy estimates ``energy_pj`` (dense), ``compressed_energy_pj`` (as stored) and
     ``energy_ratio`` (their ratio), summed over the rows that have one (Linear / Conv layers
     the forward ran; ``None`` when there is none, e.g. without an example input),
@@ -361,6 +406,20 @@ class CompressionSummary:
         return None if any(v is None for v in values) else sum(values)
 
     @property
+    def quantized_bytes(self) -> int | None:
+        """Total bytes with the quantized rows quantized and every other row in fp32.
+
+        ``None`` when no row is quantized (see :attr:`LayerCost.quantized_bytes
+        <lightning_compress.core.cost.LayerCost.quantized_bytes>`).
+        """
+        if all(layer.quantized_bytes is None for layer in self.layers):
+            return None
+        return sum(
+            layer.dense_bytes if layer.quantized_bytes is None else layer.quantized_bytes
+            for layer in self.layers
+        )
+
+    @property
     def energy_pj(self) -> float | None:
         """Per-sample energy estimate of the dense rows (density 1), in picojoules.
 
@@ -435,6 +494,7 @@ class CompressionSummary:
             "sparse_bytes": self.sparse_bytes,
             "compression_ratio": self.compression_ratio,
             "encoded_bytes": self.encoded_bytes,
+            "quantized_bytes": self.quantized_bytes,
             "energy_pj": self.energy_pj,
             "compressed_energy_pj": self.compressed_energy_pj,
             "energy_ratio": self.energy_ratio,
@@ -493,6 +553,7 @@ class CompressionSummary:
                 "dense_bytes": format_bytes(layer.dense_bytes),
                 "sparse_bytes": format_bytes(layer.sparse_bytes),
                 "encoding": layer.encoding or "n/a",
+                "quantized_bytes": _quant_cell(layer.quantized_bytes, layer.weight_bits),
                 "ratio": _ratio(layer.dense_bytes, layer.sparse_bytes),
                 "energy": _energy_cell(layer.compressed_energy_pj),
             }
@@ -520,6 +581,7 @@ class CompressionSummary:
             "dense_bytes": format_bytes(self.dense_bytes),
             "sparse_bytes": format_bytes(self.sparse_bytes),
             "encoding": "",
+            "quantized_bytes": _quant_cell(self.quantized_bytes, None),
             "ratio": _ratio(self.dense_bytes, self.sparse_bytes),
             "energy": format_energy(self.compressed_energy_pj),
         }
@@ -558,7 +620,10 @@ class CompressionSummary:
             # Every column has one cell of padding each side and one border; plus the last border.
             return name_width + sum(natural[k] for k in keys if k != "layer") + 3 * len(keys) + 1
 
-        shown = {"channels": any(layer.channels for layer in self.layers)}
+        shown = {
+            "channels": any(layer.channels for layer in self.layers),
+            "quantized_bytes": self.quantized_bytes is not None,
+        }
         keys = [key for key, _, _ in _COLUMNS if key not in _OPTIONAL or shown[key]]
         name_width = natural["layer"]
         hidden: list[str] = []
@@ -594,6 +659,15 @@ class CompressionSummary:
             notes.append(
                 "Enc.: smallest weight format (dense, bitmask, CSR, Deep Compression relative index); "
                 f"all rows encoded: {format_bytes(encoded)}."
+            )
+        if shown["quantized_bytes"]:
+            quantized = self.quantized_bytes
+            count = sum(layer.quantized_bytes is not None for layer in self.layers)
+            ratio = self.dense_bytes / quantized if quantized else math.inf
+            notes.append(
+                f"Quant.: {count} row{'s' if count != 1 else ''} as (N-bit) integer weights plus fp32 scales "
+                f"and biases; quantized: {format_bytes(quantized)} with the other rows fp32 "
+                f"({_times(ratio)} smaller than fp32)."
             )
         if shown["channels"]:
             notes.append(
@@ -644,11 +718,13 @@ class CompressionSummary:
         """Render the rows, the unattributed MACs and a TOTAL row as a :class:`rich.table.Table`.
 
         The Channels column (output channels kept/original) is there only when structure ops
-        changed some layer's output width. The table fits ``width`` terminal columns: while it is
-        too wide, columns are hidden in the order Dense (bytes), Dense MACs, Non-zeros, Enc. (best
-        encoding), Type, Ratio, Energy (as stored), Channels, Sparse, Eff. MACs (Layer, Params and
-        Sparsity always stay) until names of up to 40 characters fit; longer names are then
-        shortened with a middle ellipsis that keeps their last components (:func:`shorten_name`).
+        changed some layer's output width, the Quant. column (bytes of a quantized row and its
+        weight bits, e.g. ``1.23 kB (4b)``) only when some row is quantized. The table fits
+        ``width`` terminal columns: while it is too wide, columns are hidden in the order Dense
+        (bytes), Dense MACs, Non-zeros, Enc. (best encoding), Type, Ratio, Energy (as stored),
+        Channels, Quant., Sparse, Eff. MACs (Layer, Params and Sparsity always stay) until names of
+        up to 40 characters fit; longer names are then shortened with a middle ellipsis that keeps
+        their last components (:func:`shorten_name`).
         A caption says how MACs were counted and what was hidden, and ends with the measured
         latency when there is one. :meth:`to_dict` always has every field and the full names.
 
@@ -733,6 +809,15 @@ def compression_summary(
     (:class:`~lightning_compress.core.cost.LayerEnergy`). Other rows, and every row without an
     example input, have ``None``.
 
+    Quantization: a fake-quantized layer
+    (:mod:`~lightning_compress.quantization.fake_quant`) whose weight quantizer is enabled, and any
+    other Linear / Conv layer whose weight holds at most 4 distinct values per output channel
+    (binary / ternary weights, :func:`~lightning_compress.core.cost.low_bit_codebook`), gets
+    ``weight_bits`` and ``quantized_bytes``: ``ceil(weight.numel() * bits / 8)`` plus 4 bytes per
+    fp32 scale (per output channel or per tensor; a low-bit weight's codebook), 4 per bias entry,
+    and 8 for the input quantizer's scale and zero point of a layer that quantizes its input.
+    Other rows have ``None``; the total ``quantized_bytes`` counts them in fp32.
+
     Structure: every Linear / Conv / BatchNorm row whose output width structure ops
     (:func:`~lightning_compress.core.surgery.apply_ops` on ``model``) changed gets ``channels =
     (original, now)``, shown in a Channels column; ``channels_removed`` sums what was removed.
@@ -812,6 +897,7 @@ def compression_summary(
         encoding, encoded_bytes = row_encoding(modules[row.name])
         layer_energy = energy.get(row.name)
         out = widths.get(row.name, {}).get("out")
+        weight_bits, quantized_bytes = _quantized_storage(modules[row.name])
         layers.append(
             replace(
                 row,
@@ -821,6 +907,8 @@ def compression_summary(
                 encoded_bytes=encoded_bytes,
                 # Only a changed output width counts: a layer whose inputs alone shrank lost no channel.
                 channels=out if out is not None and out[0] != out[1] else None,
+                weight_bits=weight_bits,
+                quantized_bytes=quantized_bytes,
             )
         )
     summary = CompressionSummary(
