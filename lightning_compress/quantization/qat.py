@@ -198,7 +198,7 @@ class QuantizationAwareTraining(CompressionCallback):
         return {layer: root.get_submodule(bn) for layer, bn in pairs}
 
     def _equalize(self, root: nn.Module) -> list[Any]:
-        """``init="data_free"``: cross-layer equalization in place, then BatchNorm-distilled inputs (ZeroQ)."""
+        """``init="data_free"``: equalize in place (CLE), then BatchNorm-distilled inputs (ZeroQ)."""
         from lightning_compress.functional.equalization import cross_layer_equalize
         from lightning_compress.quantization.data_free import distill_data
 
