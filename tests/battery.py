@@ -628,6 +628,10 @@ _QAT_BAD = [
         {"start": 10, "freeze_observers_at": 4},
         r"`freeze_observers_at`=4 is before `start`=10; expected freeze_observers_at >= start",
     ),
+    (
+        {"start": 5, "freeze_observers_at": 5},
+        r"`freeze_observers_at`=5 equals `start`: the observers would never see data",
+    ),
     ({"learn_scales": True, "freeze_observers_at": None}, r"`learn_scales`=True needs `freeze_observers_at`"),
     ({"init": "zeroq"}, r"`init`='zeroq' is not supported; expected one of \['observe', 'data_free'\]"),
 ]

@@ -623,7 +623,10 @@ def commit_observations(layers: Sequence[QuantizedLayer]) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
     n = len(quants)
+    # Which layers any rank saw this step (one host read per step), so `ready` agrees across ranks.
+    seen = (torch.isfinite(stacked[:n]) & torch.isfinite(stacked[n:])).tolist()
     for i, q in enumerate(quants):
+        q._seen = bool(seen[i])
         q.commit(stacked[i], -stacked[n + i])
 
 

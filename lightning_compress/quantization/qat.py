@@ -123,6 +123,17 @@ class QuantizationAwareTraining(CompressionCallback):
                     f"`{name}`={value!r} is before `start`={start!r}; expected {name} >= start "
                     "(there is nothing to freeze before quantization starts)."
                 )
+        if (
+            freeze_observers_at is not None
+            and type(freeze_observers_at) is type(start)
+            and freeze_observers_at == start
+            and init != "data_free"
+        ):
+            raise ValueError(
+                f"`freeze_observers_at`={freeze_observers_at!r} equals `start`: the observers would never "
+                "see data; expected freeze_observers_at > start (or init='data_free', which sets the "
+                "ranges before training)."
+            )
         self.per_channel = check_bool("per_channel", per_channel)
         self.fold_bn = check_bool("fold_bn", fold_bn)
         self.learn_scales = check_bool("learn_scales", learn_scales)
@@ -158,7 +169,10 @@ class QuantizationAwareTraining(CompressionCallback):
         root = self.root(pl_module)
         select_quantizable(root, self.targets, self.exclude, self.name)
         calibration = None
-        if self.init == "data_free" and not self.layers and trainer.ckpt_path is None:
+        from lightning_compress.core.surgery import pending_checkpoint_path
+
+        resuming = pending_checkpoint_path(trainer) is not None
+        if self.init == "data_free" and not self.layers and not resuming:
             calibration = self._equalize(root)
         bn_pairs: dict[str, nn.Module] = {}
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in root.modules())
@@ -187,6 +201,28 @@ class QuantizationAwareTraining(CompressionCallback):
 
             calibrate(root, calibration)  # ranges from the synthetic data; the schedule decides the rest
             self._stage = None
+
+    def _rebind_bns(self, root: nn.Module) -> None:
+        """Bind each layer to the BatchNorm *now* at its recorded name.
+
+        The strategy may have replaced the module object since ``setup`` (``sync_batchnorm=True``
+        swaps in ``SyncBatchNorm``), and a resumed fit restores the names from the checkpoint.
+        """
+        for layer_name, bn_name in list(self.bn_names.items()):
+            layer = self.layers.get(layer_name)
+            try:
+                bn = root.get_submodule(bn_name)
+            except AttributeError:
+                bn = None
+            if layer is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                self.bn_names.pop(layer_name, None)
+                if layer is not None:
+                    layer.bind_bn(None)
+                continue
+            layer.bind_bn(bn)
+        if self.bn_names and self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     def _find_bn_pairs(self, root: nn.Module, example: Any) -> dict[str, nn.Module]:
         from lightning_compress.quantization.fusion import _resolve_example_input, find_fusion_pairs
@@ -222,14 +258,22 @@ class QuantizationAwareTraining(CompressionCallback):
                 ("freeze_observers_at", self.observer_schedule),
                 ("freeze_bn_at", self.bn_schedule),
             ):
-                if schedule is not None and (schedule.start_step or 0) < start:
+                if schedule is None:
+                    continue
+                early = name == "freeze_observers_at" and (schedule.start_step or 0) <= start
+                if self.init == "data_free":
+                    early = False
+                if (schedule.start_step or 0) < start or early:
                     raise ValueError(
                         f"{self.name}: `{name}`={getattr(self, name)!r} resolves to training step "
-                        f"{schedule.start_step}, before `start`={self.start!r} (step {start}); expected "
-                        f"{name} >= start."
+                        f"{schedule.start_step}, {'not after' if early else 'before'} `start`={self.start!r} "
+                        f"(step {start}); expected {name} {'>' if early else '>='} start."
                     )
         except Exception:
             # Nothing half-applied: give the user back the float model.
+            if self._capture is not None:
+                self._capture.remove()
+                self._capture = None
             dequantize_model(self.root(pl_module))
             self.layers = {}
             raise
@@ -246,6 +290,7 @@ class QuantizationAwareTraining(CompressionCallback):
             for layer in self.layers.values():
                 for buffer in (layer.input_quant.min_val, layer.input_quant.max_val):
                     dist.broadcast(buffer, src=0)
+        self._rebind_bns(self.root(pl_module))
         self._apply_stage(self.engine.clock if self.engine is not None else 0)
 
     # ------------------------------------------------------------------ per step
@@ -309,7 +354,7 @@ class QuantizationAwareTraining(CompressionCallback):
         unbind_stale_bns(root)
         present = quantized_layers(root)
         self.layers = {name: present[name] for name in self.layers if name in present}
-        self.bn_names = {k: v for k, v in self.bn_names.items() if k in self.layers and present[k].folded_bn}
+        self._rebind_bns(root)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -400,7 +445,9 @@ def _find_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def restore_quantization(model: nn.Module, checkpoint: dict[str, Any] | str) -> dict[str, QuantizedLayer]:
+def restore_quantization(
+    model: nn.Module, checkpoint: dict[str, Any] | str, weights_only: bool = True
+) -> dict[str, QuantizedLayer]:
     """Rebuild the fake-quantized model a QAT checkpoint describes, in place.
 
     The checkpoint's model ``state_dict`` holds the float weights (load it first, e.g. with
@@ -412,6 +459,8 @@ def restore_quantization(model: nn.Module, checkpoint: dict[str, Any] | str) -> 
     Args:
         model: The (float) model the checkpoint's weights were loaded into.
         checkpoint: A checkpoint dictionary or a path to one.
+        weights_only: Passed to ``torch.load`` for a path (``False`` for trusted checkpoints whose
+            hyper-parameters hold arbitrary objects).
 
     Returns:
         ``{name: quantized layer}``, empty when the checkpoint has no QAT state.
@@ -419,18 +468,21 @@ def restore_quantization(model: nn.Module, checkpoint: dict[str, Any] | str) -> 
     from lightning_compress.core.callback import compression_root
 
     if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
     state = _find_state(checkpoint)
     if state is None:
         return {}
     root = compression_root(model)[0]
     config = state["config"]
     names = list(state["layers"])
-    bn_pairs = {
-        layer: root.get_submodule(bn)
-        for layer, bn in state.get("bn_names", {}).items()
-        if isinstance(root.get_submodule(bn), nn.modules.batchnorm._BatchNorm)
-    }
+    bn_pairs = {}
+    for layer, bn in state.get("bn_names", {}).items():
+        try:
+            module = root.get_submodule(bn)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            bn_pairs[layer] = module
     layers = quantize_model(
         root,
         config["weight_bits"],
