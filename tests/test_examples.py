@@ -68,3 +68,18 @@ def test_slim_existing_trainer_example(tmp_path):
     assert result["params"] < 0.6 * result["dense_params"]  # channels physically gone
     assert result["same_outputs"] == 1.0  # load_checkpoint rebuilt the slim, fused model exactly
     assert result["test_acc"] > 0.9
+
+
+def test_quantize_existing_trainer_example(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import quantize_existing_trainer
+    finally:
+        sys.path.pop(0)
+    result = quantize_existing_trainer.main(["--max-epochs", "8", "--root-dir", str(tmp_path)])
+    assert result["integer_ops"] >= 3  # QLinearConv x2 and a QGemm in onnxruntime's graph
+    assert result["agreement"] >= 0.99  # the int8 ONNX model predicts what the QAT model predicts
+    assert result["restored_same_outputs"] == 1.0  # checkpoint + restore_quantization: same model
+    assert result["zero_fraction"] > 0.8  # pruned weights stay zero under quantization
+    assert result["quantized_bytes"] < 0.15 * result["dense_bytes"]  # sparse int8 storage
+    assert result["test_acc"] > 0.9

@@ -192,3 +192,25 @@ def test_quant_column_is_hidden_on_a_narrow_table_and_named_in_the_caption():
     wide = [column.header for column in summary.to_rich_table(width=200).columns]
     assert "Quant." in wide
     assert "Type" in wide
+
+
+def test_pruned_and_quantized_layer_is_stored_sparse_with_int8_values() -> None:
+    """Deep Compression's storage: a 90 % sparse int8 layer is counted in its smallest encoding."""
+    import math
+
+    from lightning_compress.functional.encoding import best_encoding
+    from lightning_compress.quantization.fake_quant import calibrate, quantize_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128))
+    with torch.no_grad():
+        mask = torch.rand(128, 256) < 0.1
+        model[0].weight.mul_(mask)
+    quantize_model(model)
+    calibrate(model, [torch.randn(4, 256)])
+    summary = compression_summary(model, torch.zeros(1, 256))
+    row = summary.layers[0]
+    _, bits = best_encoding(model[0].quantized_weight().detach(), 5, 8)
+    assert row.quantized_bytes == math.ceil(bits / 8) + 128 * 4 + 128 * 4 + 8
+    assert row.quantized_bytes < 128 * 256 + 128 * 4 + 128 * 4 + 8  # smaller than dense int8
+    assert row.weight_bits == 8

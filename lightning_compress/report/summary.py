@@ -18,8 +18,10 @@ from torch import nn
 
 from lightning_compress.core.cost import (
     BYTES_PER_VALUE,
+    CONV_INDEX_BITS,
     ENERGY_LAYERS,
     HOROWITZ_45NM,
+    LINEAR_INDEX_BITS,
     EnergyTable,
     LayerCost,
     _costs_and_energy,
@@ -31,6 +33,7 @@ from lightning_compress.core.cost import (
 )
 from lightning_compress.core.surgery import channel_widths
 from lightning_compress.core.validation import check_int
+from lightning_compress.functional.encoding import best_encoding
 from lightning_compress.quantization.fake_quant import QuantizedLayer
 
 __all__ = [
@@ -233,7 +236,9 @@ def _quantized_storage(module: nn.Module) -> tuple[int | None, int | None]:
     zero point of its input quantizer when it quantizes its input. Any other Linear / Conv layer
     counts as quantized when its weight holds only a few distinct values (binary / ternary weights,
     :func:`~lightning_compress.core.cost.low_bit_codebook`), with its codebook's fp32 scales.
-    Biases are 4 bytes per entry either way.
+    Biases are 4 bytes per entry either way. The weights are counted in their smallest encoding
+    with ``bits``-bit values (dense, bitmask, CSR or relative index), so a pruned and quantized layer
+    is stored sparse, as in Deep Compression.
     """
     if not isinstance(module, ENERGY_LAYERS):
         return None, None
@@ -250,7 +255,13 @@ def _quantized_storage(module: nn.Module) -> tuple[int | None, int | None]:
         if found is None:
             return None, None
         bits, scales = found
-    return bits, -(-weight.numel() * bits // 8) + scales * BYTES_PER_VALUE + extra
+    # The integer weights in their smallest encoding with `bits`-bit values: dense, or sparse
+    # (bitmask / CSR / relative index) when pruning left enough zeros, as Deep Compression stores them.
+    with torch.no_grad():
+        values = module.quantized_weight() if isinstance(module, QuantizedLayer) else weight
+    index_bits = CONV_INDEX_BITS if isinstance(module, nn.modules.conv._ConvNd) else LINEAR_INDEX_BITS
+    _, weight_bits = best_encoding(values.detach(), index_bits, bits)
+    return bits, -(-weight_bits // 8) + scales * BYTES_PER_VALUE + extra
 
 
 def format_ms(milliseconds: float) -> str:
