@@ -361,3 +361,30 @@ def test_data_free_init_equalizes_and_starts_from_distilled_ranges(tmp_path: Pat
     trainer.fit(model, lc.demos.MNIST5kDataModule(batch_size=32))
     assert seen
     assert all(v > 0 for v in seen.values())
+
+
+def test_pruning_and_qat_give_identical_models_in_both_callback_orders(tmp_path: Path) -> None:
+    from battery import TinyNet, tiny_data
+    from battery import trainer as battery_trainer
+
+    results = []
+    for order in ("gradual-first", "qat-first"):
+        pl.seed_everything(0)
+        model = TinyNet()
+        cbs = [
+            lc.GradualPruning(target_sparsity=0.75, start=2, end=20, frequency=3),
+            QuantizationAwareTraining(start=2, freeze_observers_at=24),
+        ]
+        if order == "qat-first":
+            cbs.reverse()
+        battery_trainer(tmp_path / order, cbs).fit(model, tiny_data())
+        results.append(model)
+    a, b = results
+    for name, p in a.named_parameters():
+        torch.testing.assert_close(b.get_parameter(name), p, rtol=0, atol=0)
+    for name, layer in quantized_layers(a).items():
+        other = b.get_submodule(name)
+        assert torch.equal(layer.input_quant.min_val, other.input_quant.min_val)
+        assert torch.equal(layer.input_quant.max_val, other.input_quant.max_val)
+        qw = layer.quantized_weight()
+        assert torch.equal(qw[layer.weight == 0], torch.zeros_like(qw[layer.weight == 0]))
