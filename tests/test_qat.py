@@ -388,3 +388,18 @@ def test_pruning_and_qat_give_identical_models_in_both_callback_orders(tmp_path:
         assert torch.equal(layer.input_quant.max_val, other.input_quant.max_val)
         qw = layer.quantized_weight()
         assert torch.equal(qw[layer.weight == 0], torch.zeros_like(qw[layer.weight == 0]))
+
+
+def test_exported_file_stores_int8_weights(tmp_path: Path) -> None:
+    import onnx
+
+    model = SmallVGG(width=16)
+    quantize_model(model, per_channel=False)  # per-tensor weights export too
+    calibrate(model, [torch.rand(8, 1, 28, 28)])
+    quantized = lc.export_onnx(model, model.example_input_array, tmp_path / "q.onnx")
+    plain = lc.export_onnx(SmallVGG(width=16), model.example_input_array, tmp_path / "f.onnx")
+    initializers = {init.name: init for init in onnx.load(quantized).graph.initializer}
+    weights = [init for name, init in initializers.items() if name.endswith("export_q")]
+    assert len(weights) == len(quantized_layers(model))
+    assert all(init.data_type == onnx.TensorProto.INT8 for init in weights)
+    assert quantized.stat().st_size < 0.4 * plain.stat().st_size

@@ -94,8 +94,9 @@ def deployment_copy(model: nn.Module, example_input: Any) -> nn.Module:
                 "for export (they are no longer the only consumer of the layer's output)."
             )
     for layer in quantized_layers(target).values():
-        with torch.no_grad():
-            layer.weight.copy_(layer.weight_quant.prepare_export(layer.weight))
+        layer.weight_quant.prepare_export(layer.weight)
+        # The forward now reads the int8 levels; drop the float copy so the file stores int8 only.
+        layer.weight = nn.Parameter(torch.empty(0, device=layer.weight.device), requires_grad=False)
         layer.input_quant.prepare_export()
     return target
 
@@ -185,7 +186,13 @@ def _translation_table() -> dict[Any, Any]:
         z = op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [zero_point]))
         return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
-    return {torch.ops.lightning_compress.fake_quant_uint8.default: fake_quant_uint8}
+    def dequantize_int8(levels: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+        return op.DequantizeLinear(levels, scale, zero_point, axis=axis)
+
+    return {
+        torch.ops.lightning_compress.fake_quant_uint8.default: fake_quant_uint8,
+        torch.ops.lightning_compress.dequantize_int8.default: dequantize_int8,
+    }
 
 
 @contextlib.contextmanager

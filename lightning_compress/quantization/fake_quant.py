@@ -94,6 +94,26 @@ def _fake_quant_uint8_meta(x: Tensor, scale: float, zero_point: int) -> Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("lightning_compress::dequantize_int8", mutates_args=())
+def dequantize_int8(levels: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    """``levels * scale`` for int8 ``levels`` and per-tensor or per-``axis`` scales (export form of a weight).
+
+    Written to ONNX as ``DequantizeLinear(levels, scale, zero_point, axis)`` with ``levels`` an int8
+    initializer, so the exported file stores int8 weights (:mod:`lightning_compress.export.onnx`).
+    ``zero_point`` is all zeros (symmetric weights); onnxruntime's Gemm fusion wants it explicit.
+    """
+    if scale.dim() == 0:
+        return levels.float() * scale
+    shape = [1] * levels.dim()
+    shape[axis] = -1
+    return levels.float() * scale.reshape(shape)
+
+
+@dequantize_int8.register_fake
+def _dequantize_int8_meta(levels: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return levels.new_empty(levels.shape, dtype=torch.float32)
+
+
 def check_bits(name: str, value: Any) -> int:
     """Validate a bit width: an int in 2..8.
 
@@ -155,20 +175,26 @@ class WeightQuantizer(_NotInStateDict):
         if not self.enabled:
             return weight
         if self.export_int8:
-            # The weight was snapped onto its `bits` grid by `prepare_export`; written on the int8 grid.
-            return self._fq(weight, self.scale(weight), -128, 127)
+            # The int8 levels fixed by `prepare_export` (an int8 initializer in the ONNX file).
+            return dequantize_int8(self.export_q, self.export_scale, self.export_zero, 0)
         return self._fq(weight, self.scale(weight), -self.qmax, self.qmax)
 
     @torch.no_grad()
     def prepare_export(self, weight: Tensor) -> Tensor:
-        """Snap ``weight`` onto this quantizer's grid (returned) and switch to the int8 export grid.
+        """Store ``weight``'s integer levels (int8) and scales, and switch to export mode.
 
-        The snapped weight has the same per-channel maximum, hence the same scale, so expressing it on
-        ``[-128, 127]`` with that scale is exact.
+        From then on the forward ignores the float weight and dequantizes the stored levels, which
+        the ONNX exporter writes as an int8 initializer read by ``DequantizeLinear``. Returns the
+        snapped float weight (``levels * scale``).
         """
-        snapped = self._fq(weight, self.scale(weight), -self.qmax, self.qmax)
+        scale = self.scale(weight)
+        shape = (-1,) + (1,) * (weight.dim() - 1) if self.per_channel else ()
+        levels = torch.round(weight.float() / scale.reshape(shape)).clamp(-self.qmax, self.qmax)
+        self.register_buffer("export_q", levels.to(torch.int8), persistent=False)
+        self.register_buffer("export_scale", scale, persistent=False)
+        self.register_buffer("export_zero", torch.zeros(scale.shape, dtype=torch.int8), persistent=False)
         self.export_int8 = True
-        return snapped
+        return levels * scale.reshape(shape)
 
     def _fq(self, weight: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
         if self.per_channel:
