@@ -403,3 +403,43 @@ def test_exported_file_stores_int8_weights(tmp_path: Path) -> None:
     assert len(weights) == len(quantized_layers(model))
     assert all(init.data_type == onnx.TensorProto.INT8 for init in weights)
     assert quantized.stat().st_size < 0.4 * plain.stat().st_size
+
+
+def test_output_quantizers_only_where_no_quantized_input_follows() -> None:
+    from lightning_compress.demos import SmallResNet
+    from lightning_compress.quantization.fake_quant import layers_needing_output_quant, select_quantizable
+
+    vgg = SmallVGG(width=8)
+    names = select_quantizable(vgg, ["*"], [], "test")
+    # the last conv feeds global pooling, the classifier the output; the rest feed ReLU -> (pool) -> conv
+    assert layers_needing_output_quant(vgg, vgg.example_input_array, names) == {"features.17", "fc"}
+    resnet = SmallResNet()
+    need = layers_needing_output_quant(
+        resnet, resnet.example_input_array, select_quantizable(resnet, ["*"], [], "t")
+    )
+    assert "layer1.0.conv2" in need  # feeds the residual add
+    assert "layer1.0.conv1" not in need  # ReLU -> next conv
+
+
+def test_qat_resnet_exports_every_conv_as_an_integer_kernel(tmp_path: Path) -> None:
+    from lightning_compress.demos import SmallResNet
+
+    pl.seed_everything(0)
+    model = SmallResNet()
+    cb = QuantizationAwareTraining(start=2)
+    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(
+        model, lc.demos.MNIST5kDataModule(batch_size=32)
+    )
+    assert cb.layers["layer1.0.conv2"].quantize_output
+    assert not cb.layers["layer1.0.conv1"].quantize_output
+    path = lc.export_onnx(model, model.example_input_array, tmp_path / "resnet.onnx")
+    ops = optimized_ops(path)
+    assert ops.count("QLinearConv") == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert not {"Conv", "FusedConv"} & set(ops)
+    assert "QGemm" in ops
+    x = torch.rand(6, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # integer requantization in onnxruntime rounds a few values differently; 16 layers compound it
+    np.testing.assert_allclose(_ort(path, x), expected, atol=0.05 * np.abs(expected).max())

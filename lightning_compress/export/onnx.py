@@ -64,7 +64,8 @@ def _check_quantized(model: nn.Module) -> bool:
     unseen = [
         name
         for name, layer in layers.items()
-        if layer.quantize_input and layer.input_quant.enabled and not layer.input_quant.ready
+        if (layer.quantize_input and layer.input_quant.enabled and not layer.input_quant.ready)
+        or (layer.quantize_output and layer.output_quant.enabled and not layer.output_quant.ready)
     ]
     if unseen:
         raise ValueError(
@@ -98,6 +99,8 @@ def deployment_copy(model: nn.Module, example_input: Any) -> nn.Module:
         # The forward now reads the int8 levels; drop the float copy so the file stores int8 only.
         layer.weight = nn.Parameter(torch.empty(0, device=layer.weight.device), requires_grad=False)
         layer.input_quant.prepare_export()
+        if layer.quantize_output:
+            layer.output_quant.prepare_export()
     return target
 
 

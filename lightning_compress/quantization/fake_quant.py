@@ -45,7 +45,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -245,6 +245,8 @@ class ActivationQuantizer(_NotInStateDict):
         #: A range exists (host-side mirror of ``initialized``: no device sync in the forward).
         self.ready = False
         self._seen = False
+        #: Record the range of every forward (eval included) and pass values through (:func:`calibrate`).
+        self.calibrating = False
 
     @property
     def qmin(self) -> int:
@@ -315,6 +317,12 @@ class ActivationQuantizer(_NotInStateDict):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         """Observe (training, observing) and fake-quantize ``x`` (identity while disabled)."""
+        if self.calibrating:
+            with torch.no_grad():
+                lo, hi = torch.aminmax(x.detach().float())
+                torch.minimum(self.pending_min, lo, out=self.pending_min)
+                torch.maximum(self.pending_max, hi, out=self.pending_max)
+            return x
         if not self.enabled:
             if self.learned_scale is not None and self.training and torch.is_grad_enabled():
                 # Keep the step-size parameter in the graph (DDP expects a gradient for it).
@@ -382,11 +390,16 @@ class QuantizedLayer:
         averaging_constant: float,
         learn_scale: bool,
         quantize_input: bool,
+        quantize_output: bool = False,
     ) -> None:
         self.weight_quant = WeightQuantizer(weight_bits, per_channel)
         self.input_quant = ActivationQuantizer(activation_bits, averaging_constant, learn_scale)
+        self.output_quant = ActivationQuantizer(activation_bits, averaging_constant)
         #: Whether the input is quantized (False e.g. for a first layer reading raw inputs, by choice).
         self.quantize_input = bool(quantize_input)
+        #: Whether the (BatchNorm-folded) output is quantized too: the integer kernel then writes int8
+        #: directly (``QLinearConv`` / ``QGemm``), whatever consumes the output.
+        self.quantize_output = bool(quantize_output)
         self.__dict__["_folded_bn"] = None
 
     @classmethod
@@ -399,6 +412,7 @@ class QuantizedLayer:
         averaging_constant: float = 0.01,
         learn_scale: bool = False,
         quantize_input: bool = True,
+        quantize_output: bool = False,
     ) -> Any:
         """A fake-quantized copy of ``module`` that shares its ``Parameter`` objects (and hooks)."""
         new = cls.__new__(cls)
@@ -408,7 +422,13 @@ class QuantizedLayer:
         new._buffers = module._buffers
         new._modules = dict(module._modules)
         new._init_quant(
-            weight_bits, activation_bits, per_channel, averaging_constant, learn_scale, quantize_input
+            weight_bits,
+            activation_bits,
+            per_channel,
+            averaging_constant,
+            learn_scale,
+            quantize_input,
+            quantize_output,
         )
         return new
 
@@ -417,8 +437,9 @@ class QuantizedLayer:
         base = next(c for c in type(self).__mro__[1:] if c in QUANTIZABLE_TYPES)
         plain = base.__new__(base)
         plain.__dict__.update(self.__dict__)
-        plain._modules = {k: v for k, v in self._modules.items() if k not in ("input_quant", "weight_quant")}
-        for key in ("_folded_bn", "quantize_input"):
+        quantizers = ("input_quant", "weight_quant", "output_quant")
+        plain._modules = {k: v for k, v in self._modules.items() if k not in quantizers}
+        for key in ("_folded_bn", "quantize_input", "quantize_output"):
             plain.__dict__.pop(key, None)
         return plain
 
@@ -454,10 +475,22 @@ class QuantizedLayer:
             x = self.input_quant(x)
         factor = self._bn_factor()
         if factor is None:
-            return raw(x, self.weight_quant(self.weight), self.bias)
+            y = raw(x, self.weight_quant(self.weight), self.bias)
+            return self.output_quant(y) if self.quantize_output else y
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
         y = raw(x, self.weight_quant(self.weight * factor.reshape(shape)), None)
         out_shape = (1, -1) + (1,) * (y.dim() - 2)
+        if self.quantize_output:
+            # Quantize the deployed (folded) output z = y + (b - mean) * factor + beta, then map it back
+            # so that the user's BatchNorm with running statistics gives exactly z_q.
+            bn = self.folded_bn
+            assert bn is not None
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(factor)
+            bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+            shift = (bias - bn.running_mean) * factor + beta
+            z = self.output_quant(y + shift.reshape(out_shape))
+            mean = bn.running_mean.reshape(out_shape)
+            return (z - beta.reshape(out_shape)) / factor.reshape(out_shape) + mean
         y = y / factor.reshape(out_shape)
         return y if self.bias is None else y + self.bias.reshape(out_shape)
 
@@ -523,6 +556,7 @@ def quantize_model(
     bn_pairs: dict[str, nn.Module] | None = None,
     enabled: bool = True,
     owner: str = "quantize_model",
+    quantize_outputs: bool | Collection[str] = False,
 ) -> dict[str, QuantizedLayer]:
     """Swap the selected Linear / Conv1d / Conv2d layers of ``model`` for fake-quantized ones, in place.
 
@@ -540,6 +574,10 @@ def quantize_model(
         bn_pairs: ``{layer name: BatchNorm module}`` to fold while training.
         enabled: Enable the quantizers now (``False``: they pass values through until enabled).
         owner: Name used in error messages.
+        quantize_outputs: Also quantize each layer's (BatchNorm-folded) output, so the integer kernel
+            writes int8 whatever consumes it (a residual add, global pooling, the network output):
+            ``True`` for every layer, or the names of the layers that need it
+            (:func:`layers_needing_output_quant`).
 
     Returns:
         ``{name: quantized layer}`` for the selected layers.
@@ -566,12 +604,16 @@ def quantize_model(
                 per_channel=per_channel,
                 averaging_constant=averaging_constant,
                 learn_scale=learn_scales,
+                quantize_output=(
+                    quantize_outputs if isinstance(quantize_outputs, bool) else name in quantize_outputs
+                ),
             )
             _set_submodule(model, name, module)
         if bn_pairs and name in bn_pairs:
             module.bind_bn(bn_pairs[name])  # type: ignore[arg-type]
         module.weight_quant.enabled = enabled
         module.input_quant.enabled = enabled
+        module.output_quant.enabled = enabled and module.quantize_output
         out[name] = module  # type: ignore[assignment]
     return out
 
@@ -612,6 +654,95 @@ def select_quantizable(
     return chosen
 
 
+#: Ops that onnxruntime's QDQ passes carry a quantized tensor through (Relu folded into the next
+#: QuantizeLinear, QuantizeLinear propagated across pooling and reshapes); BatchNorm is folded.
+_PASS_THROUGH_OPS = frozenset(
+    {
+        "relu",
+        "relu_",
+        "hardtanh",  # ReLU6: its Clip folds into the next QuantizeLinear (range within [0, 6])
+        "hardtanh_",
+        "relu6",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool2d_with_indices",
+        "view",
+        "reshape",
+        "flatten",
+        "_unsafe_view",
+        "clone",
+        "contiguous",
+        "dropout",
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+    }
+)
+_LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "convolution"})
+
+
+def _op_name(target: Any) -> str:
+    parts = str(target).split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "aten" else str(target)
+
+
+def layers_needing_output_quant(model: nn.Module, example_input: Any, names: Collection[str]) -> set[str]:
+    """The layers among ``names`` whose output does not reach a quantized layer's input directly.
+
+    A layer's output is already quantized in deployment when every path from it goes through ReLU,
+    max pooling, reshapes / flattening or BatchNorm (folded) into the input of another of ``names``
+    (whose input quantizer onnxruntime moves back onto it). Any other consumer (a residual add,
+    global average pooling, concatenation, the network output) would leave the layer as a float
+    kernel, so it gets an output quantizer. Found on a ``torch.export`` trace of ``model`` in eval
+    mode; when the model cannot be traced, every layer is returned (always correct, a little slower).
+    """
+    from torch.utils._pytree import tree_map_only
+
+    names = set(names)
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        if isinstance(example_input, dict):
+            args, kwargs = (), dict(example_input)
+        elif isinstance(example_input, tuple):
+            args, kwargs = example_input, {}
+        else:
+            args, kwargs = (example_input,), {}
+        args, kwargs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
+        with torch.no_grad():
+            graph = torch.export.export(model, tuple(args), kwargs, strict=False).graph
+    except Exception:
+        return names
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    layer_of: dict[Any, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or _op_name(node.target) not in _LAYER_OPS:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path = list(stack.values())[-1][0]
+            path = path.removeprefix("L['self'].")
+            if path in names:
+                layer_of[node] = path
+    need = set(names) - set(layer_of.values())  # not found in the trace: be safe
+    for node, name in layer_of.items():
+        todo, ok = [node], True
+        while todo and ok:
+            current = todo.pop()
+            for user in current.users:
+                if user in layer_of and user.args and user.args[0] is current:
+                    continue  # read as the input of a quantized layer
+                if user.op == "call_function" and _op_name(user.target) in _PASS_THROUGH_OPS:
+                    todo.append(user)
+                else:
+                    ok = False
+                    break
+        if not ok:
+            need.add(name)
+    return need
+
+
 def unbind_stale_bns(model: nn.Module) -> list[str]:
     """Stop folding BatchNorms that are no longer part of ``model`` (e.g. replaced by layer fusion).
 
@@ -643,6 +774,7 @@ def commit_observations(layers: Sequence[QuantizedLayer]) -> None:
     maxes.
     """
     quants = [layer.input_quant for layer in layers if layer.quantize_input and layer.input_quant.enabled]
+    quants += [layer.output_quant for layer in layers if layer.quantize_output and layer.output_quant.enabled]
     if not quants:
         return
     stacked = torch.stack([q.pending_min for q in quants] + [-q.pending_max for q in quants])
@@ -685,6 +817,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
         hooks.append(layer.register_forward_pre_hook(hook))
         layer.input_quant.enabled = False  # observe the float activations
         layer.weight_quant.enabled = True
+        layer.output_quant.calibrating = layer.quantize_output
     try:
         n = 0
         for batch in batches:
@@ -700,6 +833,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
     finally:
         for h in hooks:
             h.remove()
+        for layer in layers:
+            layer.output_quant.calibrating = False
         model.train(was_training)
     for layer in layers:
         seen = ranges.get(id(layer))
@@ -707,3 +842,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
             layer.input_quant.set_range(*seen)
         layer.input_quant.enabled = True
         layer.input_quant.observing = False
+        out = layer.output_quant
+        if layer.quantize_output and math.isfinite(float(out.pending_min)):
+            out.set_range(out.pending_min.clone(), out.pending_max.clone())
+        out.pending_min.fill_(math.inf)
+        out.pending_max.fill_(-math.inf)
+        out.enabled = layer.quantize_output
+        out.observing = False

@@ -84,6 +84,11 @@ class QuantizationAwareTraining(CompressionCallback):
         init: ``"observe"`` starts the ranges from the first quantized batch; ``"data_free"`` first
             applies cross-layer equalization to the float model and initialises every range from
             BatchNorm-distilled synthetic data (Nagel et al., 2019; Cai et al., 2020).
+        quantize_outputs: Also quantize the (BatchNorm-folded) output of the layers whose output
+            does not flow (through ReLU, max pooling, reshapes) straight into another quantized
+            layer's input: before a residual add, global pooling or the logits. onnxruntime then runs
+            every quantized layer as an integer kernel. Found on a ``torch.export`` trace of
+            ``example_input_array`` (every layer when there is none); ``False`` quantizes inputs only.
 
     Raises:
         ValueError: At construction for a bad argument (named in the message); in ``setup`` for a
@@ -107,6 +112,7 @@ class QuantizationAwareTraining(CompressionCallback):
         learn_scales: bool = False,
         averaging_constant: float = 0.01,
         init: Literal["observe", "data_free"] = "observe",
+        quantize_outputs: bool = True,
     ) -> None:
         super().__init__(targets, exclude, flush_denormal=False)
         self.weight_bits = check_bits("weight_bits", weight_bits)
@@ -146,6 +152,7 @@ class QuantizationAwareTraining(CompressionCallback):
             "averaging_constant", averaging_constant, low=0.0, high=1.0, low_open=True
         )
         self.init = check_choice("init", init, _INIT)
+        self.quantize_outputs = check_bool("quantize_outputs", quantize_outputs)
         self.layers: dict[str, QuantizedLayer] = {}
         self.bn_names: dict[str, str] = {}
         self._loaded: dict[str, Any] | None = None
@@ -182,6 +189,15 @@ class QuantizationAwareTraining(CompressionCallback):
                 bn_pairs = self._find_bn_pairs(root, example)
             elif not self.layers:
                 self._capture = InputCapture(root, self.name)
+        outputs: bool | set[str] = self.quantize_outputs
+        example = getattr(root, "example_input_array", None)
+        if self.quantize_outputs and example is not None and not self.layers:
+            from lightning_compress.quantization.fake_quant import layers_needing_output_quant
+            from lightning_compress.quantization.fusion import _resolve_example_input
+
+            names = select_quantizable(root, self.targets, self.exclude, self.name)
+            example = _resolve_example_input(root, example, self.name)
+            outputs = layers_needing_output_quant(root, example, names)
         self.layers = quantize_model(
             root,
             self.weight_bits,
@@ -194,6 +210,7 @@ class QuantizationAwareTraining(CompressionCallback):
             bn_pairs,
             enabled=False,
             owner=self.name,
+            quantize_outputs=outputs,
         )
         self._stage = None
         if calibration is not None:
@@ -311,6 +328,8 @@ class QuantizationAwareTraining(CompressionCallback):
                 layer.weight_quant.enabled = enabled
                 layer.input_quant.enabled = enabled
                 layer.input_quant.observing = observing
+                layer.output_quant.enabled = enabled and layer.quantize_output
+                layer.output_quant.observing = observing
                 if not observing and self.learn_scales:
                     layer.input_quant.start_learning()
             self._stage = stage
@@ -387,6 +406,11 @@ class QuantizationAwareTraining(CompressionCallback):
                 "learned_scale": None if q.learned_scale is None else q.learned_scale.detach().cpu().clone(),
                 "frozen_zero_point": q.frozen_zero_point.detach().cpu().clone(),
                 "quantize_input": layer.quantize_input,
+                "quantize_output": layer.quantize_output,
+                "out_min_val": layer.output_quant.min_val.detach().cpu().clone(),
+                "out_max_val": layer.output_quant.max_val.detach().cpu().clone(),
+                "out_initialized": bool(layer.output_quant.initialized.item()),
+                "out_ready": layer.output_quant.ready,
             }
         return {
             "version": _STATE_VERSION,
@@ -396,6 +420,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 "per_channel": self.per_channel,
                 "learn_scales": self.learn_scales,
                 "averaging_constant": self.averaging_constant,
+                "quantize_outputs": self.quantize_outputs,
             },
             "bn_names": dict(self.bn_names),
             "layers": layers,
@@ -436,6 +461,13 @@ def apply_layer_state(layers: dict[str, QuantizedLayer], saved: dict[str, Any]) 
                 q.learned_scale.copy_(entry["learned_scale"].to(device))
             q.learning = bool(entry.get("learning", False)) and q.learned_scale is not None
             layer.quantize_input = bool(entry.get("quantize_input", True))
+            layer.quantize_output = bool(entry.get("quantize_output", False))
+            if "out_min_val" in entry:
+                out = layer.output_quant
+                out.min_val.copy_(entry["out_min_val"].to(device))
+                out.max_val.copy_(entry["out_max_val"].to(device))
+                out.initialized.fill_(bool(entry["out_initialized"]))
+                out.ready = bool(entry.get("out_ready", entry["out_initialized"]))
 
 
 def _find_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -494,8 +526,11 @@ def restore_quantization(
         bn_pairs=bn_pairs,
         enabled=True,
         owner="restore_quantization",
+        quantize_outputs=bool(config.get("quantize_outputs", False)),
     )
     apply_layer_state(layers, state["layers"])
     for layer in layers.values():
         layer.input_quant.observing = False
+        layer.output_quant.observing = False
+        layer.output_quant.enabled = layer.quantize_output
     return layers
