@@ -175,9 +175,11 @@ class LayerCost:
             fake-quantized layer, or the width a binary / ternary weight needs
             (:func:`low_bit_codebook`); ``None`` for a row stored in floating point. Filled in by
             the summary, ``None`` from :func:`model_costs`.
-        quantized_bytes: Storage of a quantized row: ``ceil(weight.numel() * weight_bits / 8)``
-            plus 4 bytes per fp32 scale, 4 per bias entry (fp32 / int32) and, for a layer that
-            quantizes its input, 8 for that quantizer's scale and zero point; ``None`` when
+        quantized_bytes: Storage of a quantized row: its integer weights in their smallest encoding
+            with ``weight_bits``-bit values (dense ``ceil(numel * bits / 8)``, or bitmask / CSR /
+            relative index when pruning left zeros) plus 4 bytes per fp32 scale, 4 per bias entry
+            (fp32 / int32) and, for a layer that quantizes its input, 8 for that quantizer's scale
+            and zero point; ``None`` when
             ``weight_bits`` is. Filled in by the summary, ``None`` from :func:`model_costs`.
     """
 

@@ -58,7 +58,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from torch_pruning.ops import OPTYPE
 
+from lightning_compress.core.channels import call_model
 from lightning_compress.core.validation import check_choice, check_int, check_number
+from lightning_compress.functional.fusion import is_foldable_layer
 
 __all__ = [
     "EqualizationPair",
@@ -120,12 +122,7 @@ class EqualizationPair:
 
 
 # ---------------------------------------------------------------------------------------- tracing
-def _is_layer(module: Any) -> bool:
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return False
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+_is_layer = is_foldable_layer
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -862,12 +859,7 @@ def measure_input_means(
     try:
         model.eval()
         for batch in batches:
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()

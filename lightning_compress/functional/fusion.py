@@ -26,7 +26,19 @@ import torch
 from torch import Tensor
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["fold_bn"]
+__all__ = ["fold_bn", "is_foldable_layer"]
+
+
+def is_foldable_layer(module: torch.nn.Module) -> bool:
+    """Whether a following BatchNorm can be folded into ``module`` (its output channels scale).
+
+    True for an initialised Linear or a non-transposed Conv of any dimension.
+    """
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return False
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
 
 
 def fold_bn(

@@ -50,7 +50,12 @@ from lightning_compress.functional.equalization import (
     measure_input_means,
 )
 from lightning_compress.functional.equalization import correct_bias as _correct_bias
-from lightning_compress.quantization.fake_quant import calibrate, check_bits, quantize_model
+from lightning_compress.quantization.fake_quant import (
+    calibrate,
+    check_bits,
+    layers_needing_output_quant,
+    quantize_model,
+)
 from lightning_compress.quantization.fusion import fuse
 
 __all__ = ["DataFreeQuantization", "bn_statistics_loss", "data_free_quantize", "distill_data"]
@@ -392,7 +397,17 @@ def data_free_quantize(
         )
         means = {**measured, **means}
         reference = copy.deepcopy(net)
-    quantize_model(net, weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel)
+    # Layers whose output feeds a residual add, global pooling or the logits also quantize their
+    # output, so onnxruntime runs every layer of the exported model as an integer kernel.
+    names = [n for n, m in net.named_modules() if _is_quantizable(m)]
+    outputs = layers_needing_output_quant(net, example, names)
+    quantize_model(
+        net,
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        per_channel=per_channel,
+        quantize_outputs=outputs,
+    )
     corrections = _correct_bias(reference, net, input_means=means) if correct_bias else {}
     calibrate(net, batches)
     net.eval()

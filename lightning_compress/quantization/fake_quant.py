@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_compress.core.channels import call_model
 from lightning_compress.core.surgery import register_module_class
 from lightning_compress.core.targets import select_modules
 
@@ -821,12 +822,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> None:
     try:
         n = 0
         for batch in batches:
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            call_model(model, batch)
             n += 1
         if n == 0:
             raise ValueError("calibrate: `batches` is empty; give at least one input batch.")

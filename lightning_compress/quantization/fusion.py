@@ -52,7 +52,7 @@ from lightning_compress.core.callback import compression_root
 from lightning_compress.core.engine import CompressionEngine, get_engine
 from lightning_compress.core.surgery import apply_ops
 from lightning_compress.core.validation import check_choice
-from lightning_compress.functional.fusion import fold_bn
+from lightning_compress.functional.fusion import fold_bn, is_foldable_layer
 
 __all__ = ["LayerFusion", "find_fusion_pairs", "fuse"]
 
@@ -64,13 +64,8 @@ _WHEN: tuple[str, ...] = ("fit_end",)
 Folded = dict[str, tuple[Tensor, Tensor]]
 
 
-def _is_producer(module: nn.Module) -> bool:
-    """A layer a following BatchNorm can be folded into: Linear or a non-transposed Conv."""
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return False
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+#: A layer a following BatchNorm can be folded into: Linear or a non-transposed Conv.
+_is_producer = is_foldable_layer
 
 
 def _is_foldable_bn(module: nn.Module) -> bool:
