@@ -174,7 +174,7 @@ class QuantizationAwareTraining(CompressionCallback):
             return
         super().setup(trainer, pl_module, stage)
         root = self.root(pl_module)
-        select_quantizable(root, self.targets, self.exclude, self.name)
+        names = select_quantizable(root, self.targets, self.exclude, self.name)  # refuses bad targets first
         calibration = None
         from lightning_compress.core.surgery import pending_checkpoint_path
 
@@ -195,7 +195,6 @@ class QuantizationAwareTraining(CompressionCallback):
             from lightning_compress.quantization.fake_quant import layers_needing_output_quant
             from lightning_compress.quantization.fusion import _resolve_example_input
 
-            names = select_quantizable(root, self.targets, self.exclude, self.name)
             example = _resolve_example_input(root, example, self.name)
             outputs = layers_needing_output_quant(root, example, names)
         self.layers = quantize_model(
