@@ -687,3 +687,28 @@ def test_callback_train_batches_and_nothing_to_equalize():
             Plain(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
         )
     assert callback.pairs == []
+
+
+def test_train_calibration_refuses_dict_batches(tmp_path) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_compress.demos import LeNet5
+
+    class DictModel(LeNet5):
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    data = [{"x": torch.rand(1, 28, 28), "y": torch.tensor(i % 10)} for i in range(16)]
+    cb = DataFreeQuantization(calibration="train", iterations=0, num_batches=1)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.callbacks.append(cb)
+    with pytest.raises(ValueError, match=r"calibration='train'\): the training batches are dicts"):
+        trainer.fit(DictModel(), DataLoader(data, batch_size=8))

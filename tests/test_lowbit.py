@@ -412,3 +412,25 @@ def test_resuming_with_another_mode_is_refused() -> None:
     state = LowBitWeights(mode="binary").state_dict()
     with pytest.raises(ValueError, match=r"trained with mode='binary', but `mode`='ternary'"):
         LowBitWeights(mode="ternary").load_state_dict(state)
+
+
+def test_a_structure_change_requantizes_the_sliced_shadow_at_once(tmp_path: Path) -> None:
+    """After channels are removed, the weights are the ternarized sliced shadow before the next step."""
+    from battery import MLP, ShrinkHidden, tiny_data
+    from battery import trainer as battery_trainer
+
+    from lightning_compress.functional.lowbit import ternarize_twn
+
+    seen: list[bool] = []
+
+    class Check(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if shrink.done and not seen:
+                w = pl_module.fc2.weight.detach()
+                seen.append(torch.equal(w, ternarize_twn(lowbit.shadow["fc2.weight"])))
+
+    pl.seed_everything(0)
+    shrink = ShrinkHidden(at=6)
+    lowbit = LowBitWeights(mode="ternary", targets=["fc2"], exclude_first_last=False)
+    battery_trainer(tmp_path, [shrink, lowbit, Check()], max_epochs=2).fit(MLP(), tiny_data())
+    assert seen == [True]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -37,7 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.core.callback import compression_root
+from lightning_compress.core.callback import compression_root, is_distributed
 from lightning_compress.core.engine import CompressionEngine, get_engine
 from lightning_compress.core.surgery import register_module_class
 from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
@@ -469,7 +469,11 @@ class DataFreeQuantization(pl.Callback):
         pairs: The pairs equalized (names relative to the LightningModule).
         absorbed: ``{BatchNorm name: c}`` of the absorbed shifts.
         quantized_model: The quantized copy (``None`` until the end of training or without
-            ``quantize``).
+            ``quantize``); the same on every DDP rank (``"train"`` calibrates on rank 0's batches).
+
+    With ``on="fit_end"`` the transform happens after the last ``ModelCheckpoint`` save of the fit,
+    as for :class:`~lightning_compress.LayerFusion`: save a checkpoint after ``fit``
+    (``trainer.save_checkpoint``) to keep the equalized weights.
     """
 
     def __init__(
@@ -606,7 +610,18 @@ class DataFreeQuantization(pl.Callback):
             )
         out = []
         for batch in itertools.islice(iter(loader), self.num_batches):
+            if isinstance(batch, Mapping):
+                raise ValueError(
+                    "DataFreeQuantization(calibration='train'): the training batches are dicts, so the model "
+                    "input cannot be told from the labels; use calibration='distill', or call "
+                    "data_free_quantize(model, calibration_data=[inputs, ...]) after fit."
+                )
             out.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        if is_distributed():
+            # Every rank calibrates on rank 0's batches, so the quantized copies agree.
+            holder = [out]
+            dist.broadcast_object_list(holder, src=0)
+            out = holder[0]
         return out
 
     def _quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -533,6 +533,11 @@ class LowBitWeights(CompressionCallback):
         self._open.clear()
         root = self.root(pl_module)
         self._bind(root)
+        if self.started and self.shadow:
+            # Thresholds and scales depend on the whole tensor: quantize the sliced shadow again, so
+            # the weights are what the next step would produce (validation, checkpoints in between).
+            with torch.no_grad():
+                self._quantize_([n for n in self.param_names if n in self.shadow], store=False)
 
     def _drop(self, name: str) -> None:
         for store in (self.shadow, self.scales, self.scale_exp_avg, self.scale_exp_avg_sq, self.scale_steps):
