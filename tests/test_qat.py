@@ -443,3 +443,21 @@ def test_qat_resnet_exports_every_conv_as_an_integer_kernel(tmp_path: Path) -> N
         expected = model(x).numpy()
     # integer requantization in onnxruntime rounds a few values differently; 16 layers compound it
     np.testing.assert_allclose(_ort(path, x), expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_folded_batchnorms_are_rebound_by_name_when_the_strategy_replaces_them(tmp_path: Path) -> None:
+    """sync_batchnorm=True swaps every BatchNorm for a SyncBatchNorm after the callbacks' setup."""
+
+    class SwapBN(pl.Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            fresh = nn.BatchNorm2d(pl_module.features[1].num_features)
+            fresh.load_state_dict(pl_module.features[1].state_dict())
+            pl_module.features[1] = fresh  # what convert_sync_batchnorm does to each BatchNorm
+
+    pl.seed_everything(0)
+    model = SmallVGG(width=8)
+    cb = QuantizationAwareTraining(start=0, freeze_bn_at=2)
+    trainer = _trainer(tmp_path, [cb, SwapBN()], max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer.fit(model, lc.demos.MNIST5kDataModule(batch_size=32))
+    assert model.features[0].folded_bn is model.features[1]  # the live module, not the replaced one
+    assert not model.features[1].training  # freeze_bn_at reached the live BatchNorm
