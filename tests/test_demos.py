@@ -494,3 +494,23 @@ def test_lenet5_trains_on_digits():
     t.fit(model, datamodule=dm)
     result = t.test(model, datamodule=dm, verbose=False)[0]
     assert result["test_acc"] > 0.85
+
+
+def test_hinton_mlps_sizes_dropout_and_errors():
+    from lightning_compress.demos import HintonMLP
+
+    teacher = HintonMLP(hidden=1200, dropout=0.5, input_dropout=0.2)
+    student, small = HintonMLP(hidden=800), HintonMLP(hidden=30)
+    assert [m.out_features for m in (teacher.fc1, teacher.fc2, teacher.fc3)] == [1200, 1200, 10]
+    assert sum(p.numel() for p in student.parameters()) == 784 * 800 + 800 + 800 * 800 + 800 + 8010
+    assert small.fc2.weight.shape == (30, 30)
+    x = torch.rand(64, 1, 28, 28)
+    teacher.train()
+    assert not torch.equal(teacher(x), teacher(x))  # dropout is active while training
+    teacher.eval()
+    assert torch.equal(teacher(x), teacher(x))
+    assert student(x).shape == (64, 10)
+    with pytest.raises(ValueError, match=r"`dropout`=1.0 is not supported"):
+        HintonMLP(dropout=1.0)
+    with pytest.raises(ValueError, match=r"`hidden`=0 is not supported"):
+        HintonMLP(hidden=0)

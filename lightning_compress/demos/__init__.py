@@ -6,6 +6,7 @@ imported when their ``setup()`` runs, so importing this package always works.
 
 from lightning_compress.demos.data import DigitsDataModule, MNIST5kDataModule
 from lightning_compress.demos.models import (
+    HintonMLP,
     LeNet5,
     LeNet5Caffe,
     LeNet300100,
@@ -17,6 +18,7 @@ from lightning_compress.demos.models import (
 
 __all__ = [
     "DigitsDataModule",
+    "HintonMLP",
     "LeNet5",
     "LeNet5Caffe",
     "LeNet300100",
