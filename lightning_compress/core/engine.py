@@ -146,6 +146,17 @@ def flushing_denormals() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
+def _param_signature(optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
+    """A cheap fingerprint of what ``optimizer`` owns: (param_groups list, number of groups, of params).
+
+    Checked before every optimizer step, so O(#groups) and no per-parameter work. It changes when a
+    group is added (``add_param_group``) or the group list is replaced (``optimizer.param_groups =
+    ...``, as BaseFinetuning does when it restores its groups on resume, or ``load_state_dict``).
+    """
+    groups = optimizer.param_groups
+    return id(groups), len(groups), sum(len(g["params"]) for g in groups)
+
+
 def _scaler_skips(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     """True when the AMP GradScaler found inf/NaN gradients for ``optimizer`` (the step will be skipped).
 
@@ -180,6 +191,8 @@ class CompressionEngine(pl.Callback):
         self._grad_fns: dict[int, list[Callable[[], None]]] = {}
         self._weight_fns: dict[int, list[Callable[[], None]]] = {}
         self._n_observe: dict[int, int] = {}
+        #: Per optimizer: :func:`_param_signature` at bind time (see ``on_before_optimizer_step``).
+        self._signatures: dict[int, tuple[int, int, int]] = {}
         self._pl_module: nn.Module | None = None
         #: The optimizer whose step is in progress (inside ``begin_step`` and gradient transforms).
         self.current_optimizer: torch.optim.Optimizer | None = None
@@ -219,8 +232,10 @@ class CompressionEngine(pl.Callback):
     def rebind(self, trainer: pl.Trainer) -> None:
         """Re-read every client's constraints and bind them to the trainer's current optimizers.
 
-        Called lazily before the first optimizer step of a fit, after structure changes, and whenever
-        a client's parameter list changed. Also (re-)registers the ``optimizer.step`` post-hooks.
+        Called lazily before the first optimizer step of a fit, after structure changes, whenever a
+        client's parameter list changed, and when an optimizer's param groups changed since the last
+        bind (a group added mid-training, e.g. by ``BackboneFinetuning``). Also (re-)registers the
+        ``optimizer.step`` post-hooks.
         """
         self._remove_hooks()
         constraints = [c for client in self.clients for c in client.constraints()]
@@ -230,7 +245,9 @@ class CompressionEngine(pl.Callback):
         constraints.sort(key=lambda c: order[c.phase])
         self._constraints = constraints
         self._grad_fns, self._weight_fns, self._n_observe = {}, {}, {}
+        self._signatures = {}
         for opt in trainer.optimizers:
+            self._signatures[id(opt)] = _param_signature(opt)
             owned = {id(p) for group in opt.param_groups for p in group["params"]}
             grad_fns, weight_fns, n_observe = [], [], 0
             for c in constraints:
@@ -317,7 +334,11 @@ class CompressionEngine(pl.Callback):
         if not self._bound:
             self.rebind(trainer)
         fns = self._grad_fns.get(id(optimizer))
-        if fns is None:  # an optimizer built behind our back (e.g. by the user): bind it now
+        if fns is None or self._signatures.get(id(optimizer)) != _param_signature(optimizer):
+            # An optimizer built behind our back (e.g. by the user), or one whose param groups changed
+            # since the bind: Lightning's BackboneFinetuning (BaseFinetuning.unfreeze_and_add_param_group)
+            # adds the unfrozen backbone as a new group at an epoch start. The closures bound before
+            # would skip the new parameters, so their pruned weights would revive: bind again now.
             self.rebind(trainer)
             fns = self._grad_fns.get(id(optimizer), [])
         self.current_optimizer = optimizer
