@@ -33,6 +33,13 @@ from lightning_compress.core.surgery import (
     register_module_class,
 )
 from lightning_compress.core.targets import select_modules
+from lightning_compress.distillation import (
+    DistillationModule,
+    FeatureCache,
+    IndexedDataset,
+    OutputCache,
+    indexed_collate,
+)
 from lightning_compress.export import SparseLinear, export_onnx, to_sparse
 from lightning_compress.pruning import (
     DynamicNetworkSurgery,
@@ -67,14 +74,17 @@ __all__ = [
     "CompressionSummary",
     "Constraint",
     "DataFreeQuantization",
+    "DistillationModule",
     "DynamicNetworkSurgery",
     "EnergyAwarePruning",
     "EnergyTable",
     "FPGMImportance",
+    "FeatureCache",
     "FunctionConstraint",
     "GradualPruning",
     "GroupTaylorImportance",
     "Importance",
+    "IndexedDataset",
     "LAMPImportance",
     "LayerEnergy",
     "LayerFusion",
@@ -83,6 +93,7 @@ __all__ = [
     "MaskSet",
     "NetworkSlimming",
     "NormImportance",
+    "OutputCache",
     "QuantizationAwareTraining",
     "RandomImportance",
     "SparseLinear",
@@ -102,6 +113,7 @@ __all__ = [
     "export_onnx",
     "fuse",
     "get_engine",
+    "indexed_collate",
     "load_checkpoint",
     "register_module_class",
     "select_modules",

@@ -178,9 +178,35 @@ def _callback_args(config: Path) -> list[tuple[str, dict]]:
     return [(cb["class_path"], cb.get("init_args", {})) for cb in cfg["trainer"]["callbacks"]]
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
+TEACHER = CONFIGS / "hinton_teacher.yaml"
+DISTILL = CONFIGS / "hinton_distillation.yaml"
+
+
+def _quick_teacher(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the teacher recipe briefly in ``folder`` (its checkpoint path is relative to the cwd)."""
+    monkeypatch.chdir(folder)
+    cli = CompressionCLI(
+        args=[
+            "--config",
+            str(TEACHER),
+            "--trainer.default_root_dir",
+            str(folder),
+            "--trainer.logger=false",
+            *QUICK,
+        ],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    path = folder / "checkpoints" / "hinton_teacher.ckpt"
+    assert path.is_file()
+    return path
+
+
+@pytest.mark.parametrize("config", sorted(set(CONFIGS.glob("*.yaml")) - {TEACHER}), ids=lambda p: p.stem)
+def test_every_shipped_recipe_runs_and_compresses(tmp_path, config, monkeypatch):
     """Each YAML recipe resolves its short class names and compresses during a short fit."""
+    if config == DISTILL:  # step 2 of 2: needs the teacher recipe's checkpoint
+        _quick_teacher(tmp_path, monkeypatch)
     cli = CompressionCLI(
         args=[
             "--config",
@@ -219,6 +245,15 @@ def test_every_shipped_recipe_runs_and_compresses(tmp_path, config):
             assert cli.model.get_parameter(name).unique().numel() <= 3, name
     else:
         assert _zero_fraction(weights) > 0.3  # every other recipe prunes
+    if config == DISTILL:  # the pruned student, exported without the wrapper, loads into its class
+        from lightning_compress.demos import HintonMLP
+
+        student = HintonMLP.load_from_checkpoint(tmp_path / "checkpoints" / "hinton_student.ckpt")
+        assert student.hparams.hidden == 800
+        assert _zero_fraction([student.fc1.weight, student.fc2.weight, student.fc3.weight]) > 0.85
+        x = torch.randn(3, 784)
+        torch.testing.assert_close(student.eval()(x), cli.model.student.eval()(x), rtol=0, atol=0)
+        assert cli.model.cache is None or cli.model.cache.n_filled == 0  # closed at teardown
 
 
 def test_fit_and_report_a_structured_recipe_rebuild_the_slim_model(tmp_path):

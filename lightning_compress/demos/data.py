@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from lightning_compress.core.validation import check_int, check_number
+from lightning_compress.core.validation import check_bool, check_int, check_number
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DigitsDataModule", "MNIST5kDataModule", "RandomShift", "read_idx"]
 
@@ -160,10 +160,11 @@ def _check_common(batch_size: Any, seed: Any, num_workers: Any) -> None:
 class _TensorDataModule(pl.LightningDataModule):
     """Serve in-memory ``train_dataset`` / ``test_dataset`` built by ``_load()`` in ``setup()``."""
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, indexed: bool = False) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.indexed = check_bool("indexed", indexed)
         self.train_collate: RandomShift | None = None  # augmentation of the training batches
         self.train_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None
@@ -178,11 +179,18 @@ class _TensorDataModule(pl.LightningDataModule):
 
     def _loader(self, train: bool) -> DataLoader:
         self.setup()
+        dataset: Any = self.train_dataset if train else self.test_dataset
+        collate = self.train_collate if train else None
+        if train and self.indexed:
+            # Sample identity for the teacher / feature caches; the model's step sees plain batches.
+            from lightning_compress.distillation.cache import IndexedDataset, indexed_collate
+
+            dataset, collate = IndexedDataset(dataset), indexed_collate(collate)
         return DataLoader(
-            self.train_dataset if train else self.test_dataset,
+            dataset,
             batch_size=self.batch_size,
             shuffle=train,
-            collate_fn=self.train_collate if train else None,
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -236,6 +244,9 @@ class MNIST5kDataModule(_TensorDataModule):
         num_workers: ``DataLoader`` worker processes.
         random_shift: Largest random translation (pixels) of the training images; 0 (the
             default) turns the augmentation off.
+        indexed: Serve training samples with their index (:class:`~lightning_compress.IndexedDataset`),
+            the sample identity the distillation teacher cache and ``FeatureCache`` need; models
+            still see plain ``(x, y)`` batches through them.
 
     Raises:
         ValueError: If ``batch_size`` is not positive or ``seed`` / ``num_workers`` /
@@ -262,10 +273,11 @@ class MNIST5kDataModule(_TensorDataModule):
         data_dir: str | None = None,
         num_workers: int = 0,
         random_shift: int = 0,
+        indexed: bool = False,
     ) -> None:
         _check_common(batch_size, seed, num_workers)
         check_int("random_shift", random_shift, minimum=0)
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, indexed=indexed)
         self.save_hyperparameters()
         self.seed = seed
         self.data_dir = data_dir
@@ -311,6 +323,7 @@ class DigitsDataModule(_TensorDataModule):
         seed: Seed of the train / test split.
         test_fraction: Fraction of the images held out for testing, strictly between 0 and 1.
         num_workers: ``DataLoader`` worker processes.
+        indexed: Serve training samples with their index (see :class:`MNIST5kDataModule`).
 
     Raises:
         ValueError: If ``test_fraction`` is not in ``(0, 1)``, ``batch_size`` is not positive or
@@ -334,10 +347,11 @@ class DigitsDataModule(_TensorDataModule):
         seed: int = 0,
         test_fraction: float = 0.2,
         num_workers: int = 0,
+        indexed: bool = False,
     ) -> None:
         _check_common(batch_size, seed, num_workers)
         check_number("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, indexed=indexed)
         self.save_hyperparameters()
         self.seed = seed
         self.test_fraction = float(test_fraction)
