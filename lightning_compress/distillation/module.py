@@ -125,8 +125,8 @@ def _load_weights(teacher: nn.Module, path: str) -> None:
         result = teacher.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise ValueError(
-            f"`teacher_checkpoint`={path!r} does not fit the teacher {type(teacher).__name__} (built with other "
-            f"sizes?): {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+            f"`teacher_checkpoint`={path!r} does not fit the teacher {type(teacher).__name__} (built with "
+            f"other sizes?): {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
         ) from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -365,10 +365,12 @@ class DistillationModule(pl.LightningModule):
         self._teacher_record = self._record_teacher(teacher, teacher_module)
 
         self.student_forward = student_forward
-        if student_forward is None:
-            self._forward_module: nn.Module = student
-        else:
-            self._forward_module = self._submodule(student, student_forward, "student_forward", "student")
+        forward_module = (
+            student
+            if student_forward is None
+            else self._submodule(student, student_forward, "student_forward", "student")
+        )
+        object.__setattr__(self, "_forward_module", forward_module)  # not a second registration
 
         hints = {} if hints is None else hints
         if not isinstance(hints, Mapping) or not all(
@@ -467,18 +469,24 @@ class DistillationModule(pl.LightningModule):
         student.eval()
         try:
             with torch.no_grad():
+                teacher_input = example
                 if self.student_forward is None:
                     s_out = _call_with(student, example)
-                else:
-                    out_seen: list[Any] = []
-                    h = self._forward_module.register_forward_hook(lambda m, a, o: out_seen.append(o))
+                else:  # the teacher gets what the named submodule gets
+                    calls: list[Any] = []
+                    h = self._forward_module.register_forward_hook(
+                        lambda m, a, k, o: calls.append((a, k, o)), with_kwargs=True
+                    )
                     try:
                         _call_with(student, example)
                     finally:
                         h.remove()
-                    s_out = out_seen[0] if out_seen else None
+                    if not calls:
+                        return {}
+                    args, kwargs, s_out = calls[0]
+                    teacher_input = dict(kwargs) if kwargs and not args else tuple(args)
                 try:
-                    t_out = _call_with(teacher, example)
+                    t_out = _call_with(teacher, teacher_input)
                 except Exception as err:
                     raise ValueError(
                         f"`teacher` {type(teacher).__name__} cannot run on the student's "
