@@ -708,3 +708,38 @@ def test_feature_cache_bad_module_is_named(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="`cache`='ssd'"):
         lc.FeatureCache("backbone", cache="ssd")  # type: ignore[arg-type]
+
+
+def test_structured_pruning_of_a_hinted_student_slices_the_adapter(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher, student = ConvNet(width=8).eval(), ConvNet(width=4)
+    model = lc.DistillationModule(student, teacher, hints={"conv2": "conv2"})
+    pruning = lc.StructuredPruning(
+        target_ratio=0.5, hard_prune_at=6, end=4, frequency=2, targets=["conv1", "conv2"]
+    )
+    tr = trainer(tmp_path, max_epochs=3, callbacks=[pruning])
+    tr.fit(model, loader(images()))  # 9 steps: channels removed at step 6, training goes on after
+    assert student.conv2.out_channels < 8
+    adapter = model.adapters["conv2__to__conv2"]
+    assert adapter.in_channels == student.conv2.out_channels  # sliced with the student's channels
+    assert adapter.weight.shape[1] == student.conv2.out_channels
+    path = model.export_student(tmp_path / "student.ckpt")
+    recipe = torch.load(path, weights_only=True)["lightning_compress"]["recipe"]
+    assert recipe
+    assert all(not str(op.get("tensor", "")).startswith(("adapters", "student.")) for op in recipe)
+    loaded = lc.load_checkpoint(ConvNet, path)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), student.eval()(x), rtol=0, atol=0)
+    # resuming the wrapper replays the recipe on a fresh wrapper, adapters included
+    tr.save_checkpoint(tmp_path / "wrapper.ckpt")
+    fresh = lc.DistillationModule(ConvNet(width=4), ConvNet(width=8).eval(), hints={"conv2": "conv2"})
+    trainer(
+        tmp_path,
+        max_epochs=4,
+        callbacks=[
+            lc.StructuredPruning(
+                target_ratio=0.5, hard_prune_at=6, end=4, frequency=2, targets=["conv1", "conv2"]
+            )
+        ],
+    ).fit(fresh, loader(images()), ckpt_path=str(tmp_path / "wrapper.ckpt"))
+    assert fresh.adapters["conv2__to__conv2"].weight.shape == adapter.weight.shape

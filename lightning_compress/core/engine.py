@@ -451,7 +451,7 @@ class CompressionEngine(pl.Callback):
 
         if self._pl_module is None:
             raise RuntimeError("request_structure_change() needs a running fit.")
-        validate_ops(self._pl_module, ops)
+        validate_ops(self._pl_module, with_dependent_ops(self._pl_module, ops))
         self._pending.append((ops, owner, carry_state))
 
     def change_structure(
@@ -482,6 +482,7 @@ class CompressionEngine(pl.Callback):
         """
         from lightning_compress.core.surgery import apply_ops, rebuild_training_state, snapshot_training_state
 
+        ops = with_dependent_ops(pl_module, ops)
         snapshot = snapshot_training_state(trainer, pl_module) if rebuild else None
         changes = apply_ops(pl_module, ops)
         if snapshot is not None:
@@ -518,6 +519,20 @@ class CompressionEngine(pl.Callback):
         self.step = max(self.clock - 1, 0)
 
 
+def with_dependent_ops(pl_module: nn.Module, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``ops`` plus the ops the LightningModule adds for tensors outside the compression root.
+
+    A wrapper whose own layers read the root's outputs (the hint adapters of a distillation wrapper
+    read the student's feature maps) defines ``dependent_structure_ops(ops) -> list[dict]``: e.g. a
+    slice of the adapter's input channels for every slice of the student layer's output channels.
+    The extra ops go through the same validation, optimizer carry-over and structure recipe.
+    """
+    extend = getattr(pl_module, "dependent_structure_ops", None)
+    if not callable(extend):
+        return list(ops)
+    return [*ops, *extend(list(ops))]
+
+
 def get_engine(trainer: pl.Trainer) -> CompressionEngine:
     """The trainer's :class:`CompressionEngine`, added to ``trainer.callbacks`` on first use."""
     for cb in trainer.callbacks:
@@ -548,4 +563,5 @@ __all__ = [
     "FunctionConstraint",
     "flushing_denormals",
     "get_engine",
+    "with_dependent_ops",
 ]

@@ -207,6 +207,20 @@ def _feature_width(module: nn.Module) -> tuple[int, str] | None:
     return last
 
 
+def _output_tensor(module: nn.Module, name: str) -> str | None:
+    """The weight whose dim 0 are the channels of ``module``'s output, or ``None``.
+
+    That is the weight of its last Linear / Conv / BatchNorm, named under ``name``.
+    """
+    last = None
+    for sub, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+            last = sub
+    if last is None:
+        return None
+    return f"{name}.{last}.weight" if last else f"{name}.weight"
+
+
 def _adapter(student_width: int, teacher_width: int, kind: str) -> nn.Module:
     """The learned FitNets regressor: a 1x1 convolution or a linear map, student -> teacher width."""
     if kind == "conv2d":
@@ -407,6 +421,8 @@ class DistillationModule(pl.LightningModule):
                     "inside); set `example_input_array` on the student so the wrapper can measure it."
                 )
             self.adapters[_adapter_key(s, t)] = _adapter(int(s_width), int(t_width), kind)
+        #: Per hint: the student weight whose output channels the adapter reads (structure changes).
+        self._hint_tensors = {s: _output_tensor(hint_modules[s][0], f"student.{s}") for s in self.hints}
 
         self._hint_handles: list[Any] = []
         self._student_features: dict[str, Tensor] = {}
@@ -852,6 +868,40 @@ class DistillationModule(pl.LightningModule):
             self._teacher.load_state_dict(record["teacher_state_dict"])
         self._call_student("on_load_checkpoint", checkpoint)
 
+    def dependent_structure_ops(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Slice a hint adapter's input channels with every slice of its student layer's outputs.
+
+        Called by the :class:`~lightning_compress.CompressionEngine` before it applies structure ops
+        (channels removed by ``StructuredPruning`` / ``NetworkSlimming``), so the adapters keep
+        reading the surviving channels and the structure recipe replays both.
+        """
+        extra = []
+        for s, t in self.hints.items():
+            tensor = self._hint_tensors.get(s)
+            if tensor is None:
+                continue
+            for op in ops:
+                if (
+                    op.get("op") == "slice"
+                    and op.get("tensor") == tensor
+                    and op.get("dim") in (0, -self._ndim(tensor))
+                ):
+                    extra.append(
+                        {
+                            "op": "slice",
+                            "tensor": f"adapters.{_adapter_key(s, t)}.weight",
+                            "dim": 1,
+                            "index": list(op["index"]),
+                        }
+                    )
+        return extra
+
+    def _ndim(self, tensor: str) -> int:
+        try:
+            return self.get_parameter(tensor).dim()
+        except AttributeError:
+            return 0
+
     # ------------------------------------------------------------------ export
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's own ``state_dict`` (its names, no wrapper prefix, no adapters or teacher)."""
@@ -917,6 +967,8 @@ class DistillationModule(pl.LightningModule):
         prefix = "student."
         recipe = []
         for op in applied_recipe(self):
+            if not str(op.get("tensor", op.get("module", ""))).startswith(prefix):
+                continue  # the adapters' own ops: not part of the student
             op = dict(op)
             for key in ("tensor", "module"):
                 if isinstance(op.get(key), str) and op[key].startswith(prefix):
