@@ -329,9 +329,12 @@ def test_gradual_pruning_of_the_distilled_student(tmp_path: Path, digits_teacher
     student = HintonMLP(hidden=32, in_features=64, lr=3e-3)
     model = lc.DistillationModule(student, digits_teacher, temperature=4.0, alpha=0.7)
     pruning = lc.GradualPruning(target_sparsity=0.8, end=0.6, frequency=10)
+    report = lc.CompressionReport(plot=False)
     dm = DigitsDataModule(batch_size=32)
-    tr = trainer(tmp_path, max_epochs=8, callbacks=[pruning])
+    tr = trainer(tmp_path, max_epochs=8, callbacks=[pruning, report])
     tr.fit(model, dm)
+    assert report.summary is not None
+    assert [layer.name for layer in report.summary.layers] == ["fc1", "fc2", "fc3"]  # the student's rows
     # the callback saw the student's own names; the teacher was never a target
     assert sorted(pruning.masks.names) == ["fc1.weight", "fc2.weight", "fc3.weight"]
     weights = [student.fc1.weight, student.fc2.weight, student.fc3.weight]

@@ -14,6 +14,7 @@ from rich.console import Console
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.callback import compression_root
 from lightning_compress.core.validation import check_bool
 from lightning_compress.report.summary import CompressionSummary, compression_summary
 
@@ -141,6 +142,15 @@ class CompressionReport(pl.Callback):
         baseline = self._baseline
         if baseline is not None:
             baseline = baseline.to(pl_module.device)  # time both models on the same device
+        # The compression root (a distillation wrapper's student): its own layer names, no teacher.
+        root = compression_root(pl_module)[0]
+        if root is not pl_module:
+            try:
+                return compression_summary(root, example, latency_batch=self.latency_batch, baseline=baseline)
+            except (TypeError, RuntimeError, ValueError):
+                # The wrapper's example input is not the root's: summarise the whole module (the
+                # baseline copy is the root's, so no latency comparison then).
+                baseline = None
         return compression_summary(pl_module, example, latency_batch=self.latency_batch, baseline=baseline)
 
     @override
@@ -156,7 +166,7 @@ class CompressionReport(pl.Callback):
             )
         if self.compare_to_initial:
             # Every rank may copy (cheap, no collective); only rank zero reports and uses it.
-            self._baseline = _cpu_copy(pl_module)
+            self._baseline = _cpu_copy(compression_root(pl_module)[0])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
