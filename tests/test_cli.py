@@ -254,6 +254,18 @@ def test_every_shipped_recipe_runs_and_compresses(tmp_path, config, monkeypatch)
         x = torch.randn(3, 784)
         torch.testing.assert_close(student.eval()(x), cli.model.student.eval()(x), rtol=0, atol=0)
         assert cli.model.cache is None or cli.model.cache.n_filled == 0  # closed at teardown
+        # the wrapper's own checkpoint rebuilds through LightningCLI's stored configuration
+        wrapper_ckpt = next(
+            p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p.name.startswith("epoch=")
+        )
+        rebuilt = lc.load_checkpoint(lc.DistillationModule, wrapper_ckpt)
+        torch.testing.assert_close(rebuilt.eval()(x), student(x), rtol=0, atol=0)
+        onnx_path = export(["--ckpt_path", str(wrapper_ckpt), "--output", str(tmp_path / "student.onnx")])
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), student(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_and_report_a_structured_recipe_rebuild_the_slim_model(tmp_path):

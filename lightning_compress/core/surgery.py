@@ -523,6 +523,29 @@ def read_recipe(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(section.get("recipe", []))
 
 
+def _instantiate_from_cli(
+    cls: type[pl.LightningModule], hparams: dict[str, Any]
+) -> pl.LightningModule | None:
+    """Rebuild a module LightningCLI instantiated, through its trusted instantiator (as Lightning does).
+
+    LightningCLI stores ``_instantiator`` and ``_class_path`` with the configuration, whose nested
+    ``class_path`` / ``init_args`` (e.g. a distillation wrapper's student and teacher) only the
+    instantiator turns back into modules. ``None`` when the checkpoint was not written that way.
+    """
+    from pytorch_lightning.core.saving import _ALLOWED_INSTANTIATORS, _is_imported_subclass
+
+    path = hparams.get("_instantiator")
+    if not isinstance(path, str) or path not in _ALLOWED_INSTANTIATORS:
+        return None
+    class_path = hparams.get("_class_path")
+    if class_path is not None and not _is_imported_subclass(class_path, cls):
+        return None
+    module_path, _, name = path.rpartition(".")
+    instantiator = getattr(__import__(module_path, fromlist=[name]), name)
+    kwargs = {k: v for k, v in hparams.items() if k not in ("_instantiator",)}
+    return instantiator(cls, kwargs)
+
+
 def load_checkpoint(
     cls: type[pl.LightningModule],
     checkpoint_path: str | os.PathLike,
@@ -554,10 +577,12 @@ def load_checkpoint(
         hparams.update(checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}))
         hparams = dict(_convert_loaded_hparams(hparams, checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_TYPE)))
     hparams.update(kwargs)
-    signature = inspect.signature(cls.__init__)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        hparams = {k: v for k, v in hparams.items() if k in signature.parameters and k != "self"}
-    model = cls(**hparams)
+    model = _instantiate_from_cli(cls, hparams)
+    if model is None:
+        signature = inspect.signature(cls.__init__)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            hparams = {k: v for k, v in hparams.items() if k in signature.parameters and k != "self"}
+        model = cls(**hparams)
     if is_overridden("configure_model", model):
         model.configure_model()
     recipe = (checkpoint.get(CHECKPOINT_KEY) or {}).get("recipe", [])

@@ -364,7 +364,13 @@ class DistillationModule(pl.LightningModule):
         self.save_teacher = check_bool("save_teacher", save_teacher)
         self.export_path = export_path
         self.teacher_checkpoint = teacher_checkpoint
-        self.save_hyperparameters(ignore=["student", "teacher"])
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+
+        # Under LightningCLI the hyper-parameters are the configuration (student and teacher as
+        # class_path / init_args), which rebuilds the wrapper: keep them. Live modules: leave them out.
+        self.save_hyperparameters(
+            ignore=[] if _given_hyperparameters.get() is not None else ["student", "teacher"]
+        )
 
         self.student = student
         teacher_module = build_teacher(teacher, teacher_checkpoint)
