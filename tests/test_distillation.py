@@ -746,3 +746,17 @@ def test_structured_pruning_of_a_hinted_student_slices_the_adapter(tmp_path: Pat
         ],
     ).fit(fresh, loader(images()), ckpt_path=str(tmp_path / "wrapper.ckpt"))
     assert fresh.adapters["conv2__to__conv2"].weight.shape == adapter.weight.shape
+
+
+def test_validate_test_and_predict_run_the_students_steps(tmp_path: Path) -> None:
+    student = HintonMLP(hidden=8, in_features=12, num_classes=4)
+    model = lc.DistillationModule(student, teacher_net())
+    tr = trainer(tmp_path, max_epochs=1)
+    tr.fit(model, loader(clusters()))
+    (metrics,) = tr.test(model, loader(clusters(seed=5)), verbose=False)
+    assert set(metrics) == {"test_loss", "test_acc"}  # the student's own names
+    predictions = torch.cat(tr.predict(model, loader(lc.IndexedDataset(clusters(seed=5)))))
+    x = clusters(seed=5).tensors[0]
+    assert torch.equal(
+        predictions, student.eval()(x).argmax(-1)
+    )  # the student's predict_step, index stripped
