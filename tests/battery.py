@@ -155,12 +155,56 @@ class Wrapper(_Classifier):
         return torch.optim.SGD(self.student.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-MODELS: dict[str, type[_Classifier]] = {
+class _DistilledStudent(_Classifier):
+    """The student of :class:`Distill`: a LightningModule of its own (training step, optimizers)."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__(lr, optimizer)
+        self.fc1 = nn.Linear(144, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _distilled_student(lr: float, optimizer: str) -> _DistilledStudent:
+    # Built outside Distill.__init__'s frame: save_hyperparameters walks up the chain of __init__
+    # frames, so building it inline would also record the wrapper's arguments as the student's.
+    return _DistilledStudent(lr, optimizer)
+
+
+def _oracle_teacher() -> nn.Module:
+    """A fixed, deterministic teacher: the linear map that labels :func:`tiny_data` (scaled down)."""
+    gen = torch.Generator().manual_seed(1234)
+    torch.randn(128, 4, 6, 6, generator=gen)  # tiny_data's inputs come first from the same generator
+    w = torch.randn(4 * 6 * 6, 4, generator=gen)
+    with torch.random.fork_rng():  # the global RNG (the student's init) is left as it was
+        teacher = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    with torch.no_grad():
+        teacher[1].weight.copy_(w.T / 4)
+        teacher[1].bias.zero_()
+    return teacher.requires_grad_(False).eval()
+
+
+class Distill(lc.DistillationModule):
+    """``DistillationModule`` around its own student LightningModule and a fixed oracle teacher.
+
+    Loadable with ``Distill.load_from_checkpoint``: the hyper-parameters are ``lr``, ``optimizer`` and
+    the wrapper's own arguments (``temperature``, ``alpha``, ...), never the networks.
+    """
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", **kwargs: Any) -> None:
+        kwargs = {"temperature": 2.0, "alpha": 0.5, **kwargs}
+        super().__init__(_distilled_student(lr, optimizer), _oracle_teacher(), **kwargs)
+
+
+MODELS: dict[str, type[pl.LightningModule]] = {
     "tiny": TinyNet,
     "mlp": MLP,
     "bn-cnn": BNConvNet,
     "resnet": ResNet,
     "wrapper": Wrapper,
+    "distill": Distill,
 }
 
 
@@ -298,7 +342,7 @@ class Entry:
     bad_args: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     checkpoint_after_fit: bool = False
 
-    def build_model(self, **kwargs: Any) -> _Classifier:
+    def build_model(self, **kwargs: Any) -> pl.LightningModule:
         return MODELS[self.model](**kwargs)
 
     def collect_state(self, callbacks: list[pl.Callback]) -> dict[str, Tensor]:
@@ -439,6 +483,14 @@ _ENERGY_BAD = [
     ({"target_energy_reduction": 1.0}, r"`target_energy_reduction`=1.0 is not supported"),
     ({"energy_table": {"fp32_mult": 3.7}}, r"`energy_table` is missing 'fp32_add'; expected all of"),
 ]
+
+
+def _student_prefixed(callbacks: list[pl.Callback], model: nn.Module) -> None:
+    """A DistillationModule's state is its student's, under "student.": no teacher, no second copy."""
+    assert isinstance(model, lc.DistillationModule)
+    student = {f"student.{k}" for k in model.student.state_dict()}
+    assert set(model.state_dict()) == student  # (no hints: no adapter entries)
+    assert not any(p is q for p in model.teacher.parameters() for q in model.parameters())
 
 
 def _energy_check(target: float) -> Callable[[list[pl.Callback], nn.Module], None]:
@@ -726,6 +778,12 @@ REGISTRY: list[Entry] = [
         model="wrapper",
     ),
     Entry(
+        "gradual-distillation-student",  # lc.DistillationModule: the student's own names, no teacher
+        _gradual(target_sparsity=0.7, **_SCHED),
+        _both(_pruning_check(0.7), _student_prefixed),
+        model="distill",
+    ),
+    Entry(
         "stacked-gradual+gridsnap",
         _stack(lambda **kw: lc.GradualPruning(**{"target_sparsity": 0.75, **_SCHED, **kw}), GridSnap),
         _both(_pruning_check(0.75), _on_grid),
@@ -825,6 +883,14 @@ REGISTRY: list[Entry] = [
         changes_structure=True,
     ),
     Entry(
+        "shrink-distillation-student",
+        _stack(lambda **kw: ShrinkHidden(at=10, **kw)),
+        _both(_shrunk(16), _student_prefixed),
+        model="distill",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
         "structured-l1-bn-cnn",  # soft masks through the resume checkpoint, hard prune at step 26
         lambda **kw: [lc.StructuredPruning(**{"target_ratio": 0.5, **_STRUCT_LATE, **kw})],
         _structured_check(0.5),
@@ -861,6 +927,16 @@ REGISTRY: list[Entry] = [
         ],
         _structured_check(0.5),
         model="wrapper",
+        loads_with="load_checkpoint",
+        changes_structure=True,
+    ),
+    Entry(
+        "structured-l2-distillation-student",  # hard prune at step 12, before the resume checkpoint
+        lambda **kw: [
+            lc.StructuredPruning(**{"target_ratio": 0.5, "criterion": "l2", **_STRUCT_EARLY, **kw})
+        ],
+        _both(_structured_check(0.5), _student_prefixed),
+        model="distill",
         loads_with="load_checkpoint",
         changes_structure=True,
     ),
@@ -937,6 +1013,14 @@ REGISTRY: list[Entry] = [
         lambda **kw: [lc.QuantizationAwareTraining(**{"start": 2, **kw})],
         _qat_check(8),
         model="wrapper",
+        state=_qat_state,
+        loads_with="restore_quantization",
+    ),
+    Entry(
+        "qat-distillation-student",
+        lambda **kw: [lc.QuantizationAwareTraining(**{"start": 2, **kw})],
+        _both(_qat_check(8), _student_prefixed),
+        model="distill",
         state=_qat_state,
         loads_with="restore_quantization",
     ),
