@@ -760,3 +760,145 @@ def test_validate_test_and_predict_run_the_students_steps(tmp_path: Path) -> Non
     assert torch.equal(
         predictions, student.eval()(x).argmax(-1)
     )  # the student's predict_step, index stripped
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+
+def test_wrapper_pickles_and_deep_copies_with_its_hooks() -> None:
+    import pickle
+
+    model = lc.DistillationModule(Student(), teacher_net())
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        hook = clone.__dict__["validation_step"]
+        assert hook.args[0] is clone  # bound to the copy, whose student is the copy's
+        x = torch.randn(2, 12)
+        torch.testing.assert_close(clone.teacher(x), model.teacher(x))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "chained"])
+def test_composite_lr_schedulers_cover_the_adapter_group(tmp_path: Path, kind: str) -> None:
+    class Scheduled(Student):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
+            decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+            if kind == "sequential":
+                sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[2])
+            else:
+                sched = torch.optim.lr_scheduler.ChainedScheduler([warm, decay])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    reference = Scheduled()
+    ref_opt = reference.configure_optimizers()
+    model = lc.DistillationModule(Scheduled(), teacher_net(), hints={"fc1": "0"})
+    tr = trainer(tmp_path, max_steps=5)
+    tr.fit(model, loader(clusters()))
+    for _ in range(5):
+        ref_opt["optimizer"].step()
+        ref_opt["lr_scheduler"]["scheduler"].step()
+    groups = tr.optimizers[0].param_groups
+    expected = ref_opt["optimizer"].param_groups[0]["lr"]
+    assert groups[0]["lr"] == pytest.approx(expected)
+    assert groups[1]["lr"] == pytest.approx(expected)  # the adapters follow the same schedule
+
+
+def test_batch_transfer_hooks_and_a_training_step_without_batch_idx(tmp_path: Path) -> None:
+    class Hooked(Student):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            x, y = batch  # the plain batch, not the indexed dict
+            return x * 2, y
+
+        def training_step(self, batch: Any) -> Tensor:  # Lightning allows leaving out batch_idx
+            x, y = batch
+            self.seen = x
+            return F.cross_entropy(self(x), y)
+
+    student = Hooked()
+    model = lc.DistillationModule(student, teacher_net(), cache=True)
+    trainer(tmp_path, max_epochs=2).fit(model, loader(lc.IndexedDataset(clusters())))
+    torch.testing.assert_close(student.seen, clusters().tensors[0][-32:] * 2)
+
+
+def test_sequence_hints_get_a_linear_adapter_and_modes_are_kept() -> None:
+    class Seq(pl.LightningModule):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, d)
+            self.norm = nn.BatchNorm1d(10).eval()  # a frozen part, in eval mode
+            self.proj = nn.Linear(d, d)
+            self.out = nn.Linear(d, 20)
+            self.example_input_array = torch.zeros(2, 10, dtype=torch.long)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.out(torch.relu(self.proj(self.norm(self.embed(tokens)))))
+
+    student = Seq(8)
+    model = lc.DistillationModule(student, Seq(32), hints={"proj": "proj"})
+    adapter = model.adapters["proj__to__proj"]
+    assert isinstance(adapter, nn.Linear)
+    assert (adapter.in_features, adapter.out_features) == (8, 32)  # features, not the 10 tokens
+    assert student.training
+    assert not student.norm.training  # per-module modes restored after the construction check
+
+
+def test_teacher_in_another_dtype_and_a_teacher_without_parameters(tmp_path: Path) -> None:
+    lc.DistillationModule(Student(), teacher_net().half())  # the construction check casts the example
+
+    class BufferTeacher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(12, 4, generator=torch.Generator().manual_seed(0)))
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            return x @ self.w
+
+    teacher = BufferTeacher()
+    model = lc.DistillationModule(Student(), teacher, cache=True)
+    trainer(tmp_path, max_epochs=3).fit(model, loader(lc.IndexedDataset(clusters())))
+    assert teacher.calls == 6 + 1  # cached after the first epoch
+
+
+def test_feature_cache_with_two_backbone_calls_per_step_and_nan_data(tmp_path: Path) -> None:
+    class TwoViews(Transfer):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(self.head(self.backbone(x) + self.backbone(-x)), y)
+
+    def run(cache: bool) -> TwoViews:
+        pl.seed_everything(0)
+        model = TwoViews()
+        model.backbone.requires_grad_(False)
+        data = clusters()
+        x = data.tensors[0].clone()
+        x[:, -1] = float("nan")  # a NaN feature must not look like a random transform
+        data = TensorDataset(torch.nan_to_num(x) * 0 + data.tensors[0], data.tensors[1])
+        data_nan = TensorDataset(x, data.tensors[1])
+        cbs = [lc.FeatureCache("backbone")] if cache else []
+        trainer(tmp_path, max_epochs=3, callbacks=cbs).fit(
+            model, loader(lc.IndexedDataset(data) if cache else data, shuffle=True)
+        )
+        if cache:  # the probe accepts data with NaNs
+            lc.distillation.cache.probe_training_data(
+                loader(lc.IndexedDataset(data_nan)), "FeatureCache", "index", False, "test"
+            )
+        return model
+
+    _same_weights(run(False), run(True))  # the second view was never served the first one's features
+
+
+def test_student_model_eval_hook_is_forwarded(tmp_path: Path) -> None:
+    class EvalHook(Student):
+        calls = 0
+
+        def on_validation_model_eval(self) -> None:
+            self.calls += 1
+            super().on_validation_model_eval()
+
+    student = EvalHook()
+    trainer(tmp_path, max_epochs=1).fit(
+        lc.DistillationModule(student, teacher_net()), loader(clusters()), loader(clusters())
+    )
+    assert student.calls == 1

@@ -543,6 +543,9 @@ def _instantiate_from_cli(
     module_path, _, name = path.rpartition(".")
     instantiator = getattr(__import__(module_path, fromlist=[name]), name)
     kwargs = {k: v for k, v in hparams.items() if k not in ("_instantiator",)}
+    spec = inspect.getfullargspec(cls.__init__)
+    if not spec.varkw:  # as Lightning's _load_state: only the __init__ arguments
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
     return instantiator(cls, kwargs)
 
 

@@ -16,6 +16,7 @@ stable identity, the output is computed once and read back afterwards:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import tempfile
@@ -125,7 +126,10 @@ def _trees_equal(a: Any, b: Any) -> bool:
             and isinstance(b, Tensor)
             and a.shape == b.shape
             and a.dtype == b.dtype
-            and bool(torch.equal(a, b))
+            and (
+                bool(torch.equal(a, b))
+                or (a.is_floating_point() and bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+            )
         )
     if isinstance(a, Mapping):
         return isinstance(b, Mapping) and a.keys() == b.keys() and all(_trees_equal(a[k], b[k]) for k in a)
@@ -136,7 +140,7 @@ def _trees_equal(a: Any, b: Any) -> bool:
             and all(_trees_equal(x, y) for x, y in zip(a, b, strict=True))
         )
     if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+        return isinstance(b, np.ndarray) and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
     try:
         return bool(a == b)
     except Exception:
@@ -251,6 +255,8 @@ class OutputCache:
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self.hits = 0
         self.misses = 0
+        #: Bytes each rank all-gathers at once in :meth:`sync` (larger caches go in chunks).
+        self.sync_bytes = 64 * 2**20
 
     def _allocate(self, outputs: Sequence[Tensor]) -> None:
         self.values = []
@@ -337,30 +343,37 @@ class OutputCache:
         longest = max(int(c[0]) for c in counts)
         if longest == 0:
             return
-        have = [bool(c[1]) for c in counts]
-        if self.values is None:
+        if not all(bool(c[1]) for c in counts):  # every rank sees the same counts: all raise together
             raise RuntimeError(
-                "OutputCache.sync: this rank cached nothing while others did (ranks served different "
-                "numbers of batches); use a DistributedSampler (Lightning's default under DDP)."
+                "OutputCache.sync: a rank cached nothing while others did (ranks served different numbers "
+                "of batches); use a DistributedSampler (Lightning's default under DDP)."
             )
-        assert all(have)
+        assert self.values is not None
         padded = torch.full((longest,), -1, dtype=torch.long, device=device)
         padded[: new.numel()] = new.to(device)
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded)
-        rows_of = [g[g >= 0].cpu() for g in gathered]
+        rows_of = [g.cpu() for g in gathered]
         for v in self.values:
-            # Transported as float32 (not every backend reduces bfloat16), stored back in v's dtype.
-            rows = torch.zeros((longest, *v.shape[1:]), dtype=torch.float32, device=device)
-            if new.numel():
-                rows[: new.numel()] = v.index_select(0, new).to(device, torch.float32)
-            parts = [torch.empty_like(rows) for _ in range(world)]
-            dist.all_gather(parts, rows)
-            for part, idx in zip(parts, rows_of, strict=True):
-                if idx.numel():
-                    v[idx] = part[: idx.numel()].cpu().to(v.dtype)
+            # Not every backend gathers (b)float16: those travel as float32, stored back in v's dtype.
+            wire = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+            per_row = max(int(np.prod(v.shape[1:])), 1) * torch.empty((), dtype=wire).element_size()
+            chunk = max(1, self.sync_bytes // (per_row * world))  # bounded memory per all-gather
+            for lo in range(0, longest, chunk):
+                hi = min(lo + chunk, longest)
+                rows = torch.zeros((hi - lo, *v.shape[1:]), dtype=wire, device=device)
+                mine = new[lo:hi]
+                if mine.numel():
+                    rows[: mine.numel()] = v.index_select(0, mine).to(device, wire)
+                parts = [torch.empty_like(rows) for _ in range(world)]
+                dist.all_gather(parts, rows)
+                for part, idx in zip(parts, rows_of, strict=True):
+                    idx = idx[lo:hi]
+                    keep = idx >= 0
+                    if bool(keep.any()):
+                        v[idx[keep]] = part[keep.to(part.device)].cpu().to(v.dtype)
         for idx in rows_of:
-            self.filled[idx] = True
+            self.filled[idx[idx >= 0]] = True
 
     def close(self) -> None:
         """Drop the values and remove the memory-mapped files this cache created."""
@@ -453,6 +466,7 @@ class FeatureCache(pl.Callback):
         self._indices: Tensor | None = None
         self._tensors: list[Tensor] = []
         self._version = -1
+        self._used_this_step = False
 
     @property
     @override
@@ -473,6 +487,12 @@ class FeatureCache(pl.Callback):
             ) from None
         self._module, self._pl_module = module, pl_module
         original_step = type(pl_module).training_step
+        params = list(inspect.signature(original_step).parameters.values())[1:]  # without self
+        limit = (
+            None
+            if any(p.kind is p.VAR_POSITIONAL for p in params)
+            else sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        )
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             # Strip the sample indices, remember them for the backbone's forward, run the user's step.
@@ -481,8 +501,9 @@ class FeatureCache(pl.Callback):
                 args = (batch, *args[1:])
             elif "batch" in kwargs:
                 self._indices, kwargs["batch"] = split_batch(kwargs["batch"], self.index_key)
+            self._used_this_step = False
             try:
-                return original_step(pl_module, *args, **kwargs)
+                return original_step(pl_module, *args[:limit] if limit is not None else args, **kwargs)
             finally:
                 self._indices = None
 
@@ -502,6 +523,9 @@ class FeatureCache(pl.Callback):
     def _forward(self, original: Callable[..., Any], module: nn.Module, args: Any, kwargs: Any) -> Any:
         if not self._usable(module):
             return original(module, *args, **kwargs)
+        if self._used_this_step:  # a second call in the same step (another view of the batch)
+            return original(module, *args, **kwargs)
+        self._used_this_step = True
         assert self.cache is not None
         assert self._indices is not None
         version = _version(self._tensors)

@@ -24,11 +24,14 @@ import torch
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 from typing_extensions import override
 
 from lightning_compress.core.schedules import StepSchedule, sparsity_at
 from lightning_compress.core.validation import check_bool, check_choice, check_number
 from lightning_compress.distillation.cache import (
+    INDEX_KEY,
+    SAMPLE_KEY,
     OutputCache,
     check_cache_arg,
     probe_training_data,
@@ -65,7 +68,6 @@ _FORWARDED_HOOKS = (
     "on_before_backward",
     "on_after_backward",
     "on_before_optimizer_step",
-    "configure_model",
     "prepare_data",
 )
 # Batch hooks: forwarded with the batch stripped of its sample indices.
@@ -95,8 +97,29 @@ _OPTIONAL_HOOKS = (
     "optimizer_zero_grad",
     "lr_scheduler_step",
     "configure_gradient_clipping",
+    "configure_model",
+    "backward",
+    "on_validation_model_eval",
+    "on_validation_model_train",
+    "on_validation_model_zero_grad",
+    "on_test_model_eval",
+    "on_test_model_train",
+    "on_predict_model_eval",
 )
 _STEP_HOOKS = ("validation_step", "test_step")
+# Hooks that receive a batch first and return a batch: the sample indices are kept around them.
+_BATCH_TRANSFER_HOOKS = ("transfer_batch_to_device", "on_before_batch_transfer", "on_after_batch_transfer")
+#: Per-parameter-group lists of torch (and timm) LR schedulers, extended when a group is appended.
+_PER_GROUP_ATTRS = (
+    "base_lrs",
+    "_last_lr",
+    "lr_lambdas",
+    "min_lrs",
+    "max_lrs",
+    "base_momentums",
+    "max_momentums",
+    "base_values",
+)
 
 
 def _import(path: str) -> Any:
@@ -114,7 +137,7 @@ def _load_weights(teacher: nn.Module, path: str) -> None:
     from lightning_compress.core.engine import CHECKPOINT_KEY as RECIPE_KEY
     from lightning_compress.core.surgery import applied_recipe, replay_recipe
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"`teacher_checkpoint`={path!r} holds no state dict.")
@@ -182,11 +205,17 @@ def _walk(obj: Any) -> Iterator[Any]:
 
 
 def _extend_scheduler(scheduler: Any, n_groups: int) -> None:
-    """A param group was appended to the scheduler's optimizer: give it group 0's per-group state."""
-    for _name, value in list(vars(scheduler).items()):
+    """A param group was appended to the scheduler's optimizer: give it group 0's per-group state.
+
+    Only the known per-group lists of torch's (and timm's) schedulers are extended; composite
+    schedulers (``SequentialLR``, ``ChainedScheduler``) are recursed into, their own lists
+    (milestones, children) left alone.
+    """
+    for name in _PER_GROUP_ATTRS:
+        value = getattr(scheduler, name, None)
         if isinstance(value, list) and len(value) == n_groups:
             value.append(copy.copy(value[0]))
-    for inner in getattr(scheduler, "_schedulers", []) or []:
+    for inner in getattr(scheduler, "_schedulers", None) or []:
         _extend_scheduler(inner, n_groups)
 
 
@@ -414,9 +443,12 @@ class DistillationModule(pl.LightningModule):
         for s, t in self.hints.items():
             s_module, t_module = hint_modules[s]
             s_info, t_info = _feature_width(s_module), _feature_width(t_module)
-            if shapes is not None:
+            if shapes is not None and s in shapes:
                 s_shape, t_shape = shapes[s]
-                kind = {2: "linear", 3: "conv1d", 4: "conv2d"}.get(len(s_shape), "linear")
+                # The layer type decides (a Linear acts on the last dim of (N, L, D) sequences too);
+                # without one, the rank of the measured feature does.
+                by_rank = {3: "conv1d", 4: "conv2d"}.get(len(s_shape), "linear")
+                kind = s_info[1] if s_info is not None else by_rank
                 s_width = s_shape[1] if kind != "linear" else s_shape[-1]
                 t_width = t_shape[1] if kind != "linear" else t_shape[-1]
             elif s_info is not None and t_info is not None:
@@ -447,6 +479,7 @@ class DistillationModule(pl.LightningModule):
         self._teacher_tensors: list[Tensor] = []
         self._teacher_version = -1
         self._checked_shapes = False
+        self._teacher_placed = False
 
         for name in _OPTIONAL_HOOKS:
             if is_overridden(name, student, parent=pl.LightningModule):
@@ -487,7 +520,7 @@ class DistillationModule(pl.LightningModule):
             handles.append(s_module.register_forward_hook(lambda m, a, o, s=s: seen.__setitem__(("s", s), o)))
             handles.append(t_module.register_forward_hook(lambda m, a, o, s=s: seen.__setitem__(("t", s), o)))
         student, teacher = self.student, self._teacher
-        was_training = student.training
+        modes = {m: m.training for m in student.modules()}  # per module: a frozen part may be in eval
         student.eval()
         try:
             with torch.no_grad():
@@ -507,6 +540,17 @@ class DistillationModule(pl.LightningModule):
                         return {}
                     args, kwargs, s_out = calls[0]
                     teacher_input = dict(kwargs) if kwargs and not args else tuple(args)
+                reference = next(
+                    (t for t in [*teacher.parameters(), *teacher.buffers()] if t.is_floating_point()), None
+                )
+                if reference is not None:  # a teacher already on another device / in another dtype
+                    teacher_input = tree_map_only(
+                        Tensor,
+                        lambda t: t.to(
+                            reference.device, reference.dtype if t.is_floating_point() else t.dtype
+                        ),
+                        teacher_input,
+                    )
                 try:
                     t_out = _call_with(teacher, teacher_input)
                 except Exception as err:
@@ -517,7 +561,8 @@ class DistillationModule(pl.LightningModule):
         finally:
             for h in handles:
                 h.remove()
-            student.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         if s_out is not None:
             self._compare_outputs(self.logits(s_out), self.logits(t_out))
         return {
@@ -573,6 +618,9 @@ class DistillationModule(pl.LightningModule):
 
     def task_step(self, batch: Any, batch_idx: int) -> Tensor | Mapping[str, Any] | None:
         """The student's task loss for a batch: its own ``training_step`` (override to change)."""
+        limit = self._positional_limit("training_step")
+        if limit is not None and limit < 2:  # Lightning allows training_step(self, batch)
+            return self._call_student("training_step", batch)
         return self._call_student("training_step", batch, batch_idx)
 
     def temperature_at(self, step: int) -> float:
@@ -617,24 +665,16 @@ class DistillationModule(pl.LightningModule):
             student._current_fx_name = previous
 
     def _optional_hook(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.student, name)
-        positional = [
-            p
-            for p in inspect.signature(method).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        var_args = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(method).parameters.values())
-        strip = name in _STEP_HOOKS or name in ("on_after_batch_transfer",)
+        # A partial of a module-level function (not a closure): the wrapper stays picklable
+        # (ddp_spawn) and deep-copyable, and Lightning's is_overridden sees an override.
+        return functools.partial(_call_optional_hook, self, name)
 
-        def hook(*args: Any, **kwargs: Any) -> Any:
-            if strip and args:
-                args = (split_batch(args[0], None)[1], *args[1:])
-            if not var_args:
-                args = args[: len(positional)]
-            return self._call_student(name, *args, **kwargs)
-
-        hook.__name__ = hook.__qualname__ = name
-        return hook
+    def _positional_limit(self, name: str) -> int | None:
+        """How many positional arguments the student's ``name`` takes (``None``: any number)."""
+        params = inspect.signature(getattr(self.student, name)).parameters.values()
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            return None
+        return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
     @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -707,13 +747,16 @@ class DistillationModule(pl.LightningModule):
     def _place_teacher(self) -> None:
         """Move the teacher to the student's device and floating dtype (once, or when they change)."""
         reference = next((p for p in self.student.parameters() if p.is_floating_point()), None)
-        if reference is None:
-            return
-        current = next(self._teacher.parameters(), None)
-        if current is None or (current.device, current.dtype) != (reference.device, reference.dtype):
-            self._teacher.to(device=reference.device, dtype=reference.dtype)
-            self._teacher_tensors = [*self._teacher.parameters(), *self._teacher.buffers()]
-            self._teacher_version = -1
+        if reference is not None:
+            current = next(
+                (t for t in [*self._teacher.parameters(), *self._teacher.buffers()] if t.is_floating_point()),
+                None,
+            )
+            if current is not None and (current.device, current.dtype) != (reference.device, reference.dtype):
+                self._teacher.to(device=reference.device, dtype=reference.dtype)
+                self._teacher_version = -1
+        # The tensors whose in-place version counters tell whether the teacher changed (cache).
+        self._teacher_tensors = [*self._teacher.parameters(), *self._teacher.buffers()]
         if self._teacher.training:
             self._teacher.eval()
 
@@ -777,7 +820,9 @@ class DistillationModule(pl.LightningModule):
         args, kwargs, output = self._captured
         self._captured = None
         student_logits = self.logits(output)
-        self._place_teacher()
+        if not self._teacher_placed:  # after the strategy moved and converted the student
+            self._place_teacher()
+            self._teacher_placed = True
         teacher_logits, teacher_features = self._teacher_outputs(args, kwargs, indices, student_logits.device)
         if not self._checked_shapes:
             self._compare_outputs(student_logits, teacher_logits)
@@ -822,6 +867,7 @@ class DistillationModule(pl.LightningModule):
     @override
     def on_train_start(self) -> None:
         self._place_teacher()
+        self._teacher_placed = False
         self._checked_shapes = False
         if self.cache_storage is not None:
             size = probe_training_data(
@@ -980,7 +1026,9 @@ class DistillationModule(pl.LightningModule):
                 if isinstance(op.get(key), str) and op[key].startswith(prefix):
                     op[key] = op[key][len(prefix) :]
             recipe.append(op)
-        recipe = recipe or list(applied_recipe(student))
+        # Ops the student went through before it was wrapped (e.g. rebuilt with load_checkpoint),
+        # then the ones applied through the wrapper.
+        recipe = [dict(op) for op in applied_recipe(student)] + recipe
         if recipe:
             checkpoint[RECIPE_KEY] = {"version": 1, "recipe": recipe}
         student.on_save_checkpoint(checkpoint)
@@ -990,6 +1038,24 @@ class DistillationModule(pl.LightningModule):
             os.makedirs(folder, exist_ok=True)
         torch.save(checkpoint, path)
         return path
+
+
+def _call_optional_hook(wrapper: DistillationModule, name: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the student's override of ``name`` (see ``DistillationModule._optional_hook``)."""
+    limit = wrapper._positional_limit(name)
+    if name in _BATCH_TRANSFER_HOOKS and args:
+        # The student's hook sees (and returns) the plain batch; the indices go around it.
+        indices, inner = split_batch(args[0], None)
+        args = (inner, *args[1:])
+        out = wrapper._call_student(name, *(args if limit is None else args[:limit]), **kwargs)
+        if indices is None:
+            return out
+        if name == "transfer_batch_to_device" and len(args) > 1:
+            indices = indices.to(args[1])
+        return {INDEX_KEY: indices, SAMPLE_KEY: out}
+    if name in _STEP_HOOKS and args:
+        args = (split_batch(args[0], None)[1], *args[1:])
+    return wrapper._call_student(name, *(args if limit is None else args[:limit]), **kwargs)
 
 
 def _forwarder(name: str, batch_hook: bool) -> Callable[..., Any]:
