@@ -480,6 +480,8 @@ class DistillationModule(pl.LightningModule):
         self._teacher_version = -1
         self._checked_shapes = False
         self._teacher_placed = False
+        self._sums: dict[str, Tensor | float] = {}
+        self._accumulated_steps = 0
 
         for name in _OPTIONAL_HOOKS:
             if is_overridden(name, student, parent=pl.LightningModule):
@@ -844,17 +846,25 @@ class DistillationModule(pl.LightningModule):
                 )
             self._student_features = {}
             loss = loss + self.hint_weight * hint_total
-            self.log("distill/hint_loss", hint_total.detach(), on_step=False, on_epoch=True)
+            self._accumulate("distill/hint_loss", hint_total)
         self.log("distill/loss", loss.detach(), on_step=True, on_epoch=True)
-        self.log("distill/soft_loss", soft.detach(), on_step=False, on_epoch=True)
-        self.log("distill/task_loss", task_loss.detach(), on_step=False, on_epoch=True)
-        self.log("distill/temperature", temperature, on_step=False, on_epoch=True)
-        self.log("distill/alpha", alpha, on_step=False, on_epoch=True)
+        # Every `self.log` call costs Lightning ~0.5 ms on a CPU, as much as a small student's whole
+        # step: the other terms are summed here and logged once per epoch (epoch means).
+        self._accumulate("distill/soft_loss", soft)
+        self._accumulate("distill/task_loss", task_loss)
+        self._accumulate("distill/temperature", temperature)
+        self._accumulate("distill/alpha", alpha)
+        self._accumulated_steps += 1
         if isinstance(out, Mapping):
             out = dict(out)
             out["loss"] = loss
             return out
         return loss
+
+    def _accumulate(self, name: str, value: Tensor | float) -> None:
+        value = value.detach().float() if isinstance(value, Tensor) else float(value)
+        total = self._sums.get(name)
+        self._sums[name] = value if total is None else total + value
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -866,6 +876,7 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def on_train_start(self) -> None:
+        self._sums, self._accumulated_steps = {}, 0
         self._place_teacher()
         self._teacher_placed = False
         self._checked_shapes = False
@@ -886,6 +897,11 @@ class DistillationModule(pl.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         self._call_student("on_train_epoch_end")
+        if self._accumulated_steps:
+            for name, total in self._sums.items():
+                mean = total / self._accumulated_steps
+                self.log(name, mean if isinstance(mean, Tensor) else float(mean), sync_dist=True)
+        self._sums, self._accumulated_steps = {}, 0
         if self.cache is not None:
             self.cache.sync(self.device if self.device.type != "cpu" else None)
             self.log("distill/cache_filled", float(self.cache.n_filled) / max(self.cache.size, 1))
