@@ -7,13 +7,20 @@ Hinton et al.'s soft-target loss on the teacher's logits. ``GradualPruning`` in 
 compresses the student only (the teacher is never a target), and ``export_student`` writes a plain
 student checkpoint that ``DigitMLP.load_from_checkpoint`` reads.
 
-    python examples/distill_existing_student.py                 # ~30 s on a 2-core CPU
+    python examples/distill_existing_student.py                 # about 2 minutes on a 2-core CPU
     python examples/distill_existing_student.py --sparsity 0.0  # distillation only
 
-Here the teacher is a LeNet-5 CNN trained by the script itself on the MNIST 5k subset, and the
-student a 784-100-100-10 MLP: distillation works across architectures as long as the logits agree.
-The training images carry their index (``indexed=True``), so the teacher runs in the first epoch
-only and its logits are read from the cache afterwards (``cache=True``).
+The teacher is Hinton et al.'s 2x1200 MLP with dropout, trained by the script itself on the MNIST 5k
+subset with random shifts, and the student a 784-300-300-10 MLP (distillation works across
+architectures as long as the logits agree). The training images carry their index
+(``indexed=True``), so the teacher runs in the first epoch only and its logits are read from the
+cache afterwards (``cache=True``).
+
+How much distillation buys depends on the teacher. The script trains it only briefly (10 epochs,
+about 94 %), and then the distilled student matches the hard-label one (92.8 % each at 90 %
+sparsity, seed 0). With a fully trained teacher (30 epochs, cosine schedule, 97.1 %),
+``benchmarks/distillation.py`` measures 96.4 % against 95.1 % for the 2x800 student, and 96.2 %
+against 94.8 % at 90 % sparsity (mean of 3 seeds).
 """
 
 from __future__ import annotations
@@ -28,13 +35,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_compress import CompressionReport, DistillationModule, GradualPruning
-from lightning_compress.demos import LeNet5, MNIST5kDataModule
+from lightning_compress.demos import HintonMLP, MNIST5kDataModule
 
 
 class DigitMLP(pl.LightningModule):
     """Your own student: nothing in it knows about distillation or pruning."""
 
-    def __init__(self, hidden: int = 100, lr: float = 1e-3) -> None:
+    def __init__(self, hidden: int = 300, lr: float = 1e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -90,12 +97,12 @@ def accuracy(model: nn.Module, dm: MNIST5kDataModule) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-epochs", type=int, default=4)
+    parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--max-epochs", type=int, default=8, help="student epochs")
     parser.add_argument(
         "--sparsity", type=float, default=0.9, help="pruned fraction of the student (0: none)"
     )
-    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--temperature", type=float, default=8.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -105,11 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
-    # The teacher: any trained network with the same logits. Here: LeNet-5, trained now.
+    # The teacher: any trained network with the same logits (here trained now, briefly).
     pl.seed_everything(args.seed)
+    # Hinton et al.'s teacher: a wide MLP with dropout, trained on randomly shifted images.
+    teacher = HintonMLP(hidden=1200, dropout=0.5, input_dropout=0.2)
+    make_trainer(args, args.teacher_epochs, []).fit(
+        teacher, MNIST5kDataModule(batch_size=64, seed=0, random_shift=2)
+    )
     dm = MNIST5kDataModule(batch_size=64, seed=0)
-    teacher = LeNet5()
-    make_trainer(args, args.teacher_epochs, []).fit(teacher, dm)
     dm.setup()
     teacher_acc = accuracy(teacher, dm)
 
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "export_matches": bool(torch.equal(reloaded.eval()(x), student.eval()(x))),
         "wall_s": time.perf_counter() - t0,
     }
-    print(f"teacher (LeNet-5):                  test accuracy {result['teacher_acc']:.3f}")
+    print(f"teacher (2x1200 MLP):               test accuracy {result['teacher_acc']:.3f}")
     print(f"student on hard labels:             test accuracy {result['student_acc']:.3f}")
     print(
         f"student distilled from the teacher: test accuracy {result['distilled_acc']:.3f} "

@@ -73,7 +73,7 @@ def test_transformer_student_moves_toward_a_bigger_teacher_while_it_is_pruned(tm
     tr.fit(wrapper, token_data())  # 12 steps per epoch
 
     assert tr.global_step == 24
-    assert {"distill/loss_epoch", "distill/soft_loss", "distill/task_loss"} <= set(tr.callback_metrics)
+    assert {"distill/loss", "distill/soft_loss", "distill/task_loss"} <= set(tr.callback_metrics)
     # The distilled student's outputs moved toward the teacher's, in both directions of the KL.
     kl_after = _kl_both_ways(student, teacher, batch)
     assert kl_after[0] < 0.8 * kl_before[0], (kl_before, kl_after)
@@ -119,7 +119,7 @@ def test_boring_model_distills_exports_and_reloads(tmp_path: Path) -> None:
 
     assert tr.global_step == 16
     assert not torch.equal(student.layer.weight, before["layer.weight"])
-    assert {"distill/loss_epoch", "distill/task_loss"} <= set(tr.callback_metrics)
+    assert {"distill/loss", "distill/task_loss"} <= set(tr.callback_metrics)
     assert tr.lr_scheduler_configs[0].scheduler.last_epoch == 2  # BoringModel's StepLR stepped per epoch
 
     path = wrapper.export_student(tmp_path / "student.ckpt")

@@ -847,9 +847,10 @@ class DistillationModule(pl.LightningModule):
             self._student_features = {}
             loss = loss + self.hint_weight * hint_total
             self._accumulate("distill/hint_loss", hint_total)
-        self.log("distill/loss", loss.detach(), on_step=True, on_epoch=True)
         # Every `self.log` call costs Lightning ~0.5 ms on a CPU, as much as a small student's whole
-        # step: the other terms are summed here and logged once per epoch (epoch means).
+        # step: the terms are summed here and logged once per epoch (epoch means). The student's own
+        # per-step logs (e.g. its train_loss) are untouched.
+        self._accumulate("distill/loss", loss)
         self._accumulate("distill/soft_loss", soft)
         self._accumulate("distill/task_loss", task_loss)
         self._accumulate("distill/temperature", temperature)
