@@ -83,3 +83,18 @@ def test_quantize_existing_trainer_example(tmp_path):
     assert result["zero_fraction"] > 0.8  # pruned weights stay zero under quantization
     assert result["quantized_bytes"] < 0.15 * result["dense_bytes"]  # sparse int8 storage
     assert result["test_acc"] > 0.9
+
+
+def test_distill_existing_student_example(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import distill_existing_student
+    finally:
+        sys.path.pop(0)
+    result = distill_existing_student.main(
+        ["--teacher-epochs", "1", "--max-epochs", "2", "--limit-batches", "0.25", "--root-dir", str(tmp_path)]
+    )
+    assert result["export_matches"]  # DigitMLP.load_from_checkpoint gives the distilled student
+    assert result["student_sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert result["distilled_acc"] > 0.5
+    assert (tmp_path / "distilled_student.ckpt").is_file()
