@@ -673,10 +673,14 @@ class DistillationModule(pl.LightningModule):
 
     def _positional_limit(self, name: str) -> int | None:
         """How many positional arguments the student's ``name`` takes (``None``: any number)."""
-        params = inspect.signature(getattr(self.student, name)).parameters.values()
-        if any(p.kind is p.VAR_POSITIONAL for p in params):
-            return None
-        return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        limits = self.__dict__.setdefault("_limits", {})  # per hook, once: called on every step
+        if name not in limits:
+            params = inspect.signature(getattr(self.student, name)).parameters.values()
+            if any(p.kind is p.VAR_POSITIONAL for p in params):
+                limits[name] = None
+            else:
+                limits[name] = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        return limits[name]
 
     @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
