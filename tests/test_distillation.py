@@ -902,3 +902,23 @@ def test_student_model_eval_hook_is_forwarded(tmp_path: Path) -> None:
         lc.DistillationModule(student, teacher_net()), loader(clusters()), loader(clusters())
     )
     assert student.calls == 1
+
+
+def test_cache_refuses_augmentation_inside_the_students_step(tmp_path: Path) -> None:
+    class Augments(Student):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x, y = batch
+            x = x + 0.5 * torch.randn_like(x)  # randomness the pre-training probe cannot see
+            return F.cross_entropy(self(x), y)
+
+    model = lc.DistillationModule(Augments(), teacher_net(), cache=True, cache_check_every=3)
+    with pytest.raises(ValueError, match=r"the teacher's output for cached samples changed .* training_step"):
+        trainer(tmp_path, max_epochs=3).fit(model, loader(lc.IndexedDataset(clusters()), shuffle=True))
+    # declared invariant: no check; a deterministic student passes the check (covered with
+    # cache_check_every=1 here)
+    model = lc.DistillationModule(Augments(), teacher_net(), cache=True, invariant_transforms=True)
+    trainer(tmp_path, max_epochs=2).fit(model, loader(lc.IndexedDataset(clusters()), shuffle=True))
+    model = lc.DistillationModule(Student(), teacher_net(), cache=True, cache_check_every=1)
+    trainer(tmp_path, max_epochs=3).fit(model, loader(lc.IndexedDataset(clusters()), shuffle=True))
+    with pytest.raises(ValueError, match="`cache_check_every`"):
+        lc.DistillationModule(Student(), teacher_net(), cache_check_every=-1)

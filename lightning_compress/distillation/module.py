@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map_only
 from typing_extensions import override
 
 from lightning_compress.core.schedules import StepSchedule, sparsity_at
-from lightning_compress.core.validation import check_bool, check_choice, check_number
+from lightning_compress.core.validation import check_bool, check_choice, check_int, check_number
 from lightning_compress.distillation.cache import (
     INDEX_KEY,
     SAMPLE_KEY,
@@ -329,6 +329,10 @@ class DistillationModule(pl.LightningModule):
             student's ``training_step`` does not call the student itself.
         save_teacher: Also store the teacher's weights in checkpoints.
         export_path: Write :meth:`export_student` there at the end of ``fit`` (for CLI recipes).
+        cache_check_every: With the cache, recompute the teacher on every ``n``-th cached batch and
+            refuse to go on if its output changed (randomness the pre-training guard cannot see,
+            e.g. augmentation inside the student's ``training_step``); 0 turns the check off, and
+            ``invariant_transforms`` skips it too.
 
     Raises:
         ValueError: A bad argument (named in the message), a hint layer that does not exist, a teacher
@@ -356,6 +360,7 @@ class DistillationModule(pl.LightningModule):
         student_forward: str | None = None,
         save_teacher: bool = False,
         export_path: str | None = None,
+        cache_check_every: int = 100,
     ) -> None:
         super().__init__()
         if not isinstance(student, pl.LightningModule):
@@ -390,6 +395,7 @@ class DistillationModule(pl.LightningModule):
         if not isinstance(index_key, str):
             raise ValueError(f"`index_key`={index_key!r} must be a string.")
         self.index_key = index_key
+        self.cache_check_every = check_int("cache_check_every", cache_check_every, minimum=0)
         self.save_teacher = check_bool("save_teacher", save_teacher)
         self.export_path = export_path
         self.teacher_checkpoint = teacher_checkpoint
@@ -482,6 +488,7 @@ class DistillationModule(pl.LightningModule):
         self._teacher_placed = False
         self._sums: dict[str, Tensor | float] = {}
         self._accumulated_steps = 0
+        self._hits_since_check = 0
 
         for name in _OPTIONAL_HOOKS:
             if is_overridden(name, student, parent=pl.LightningModule):
@@ -779,6 +786,11 @@ class DistillationModule(pl.LightningModule):
             hit = cache.lookup(indices)
             if hit is not None:
                 logits = hit[0].to(device, non_blocking=True)
+                self._hits_since_check += 1
+                check = self.cache_check_every and not self.invariant_transforms
+                if check and self._hits_since_check >= self.cache_check_every:
+                    self._hits_since_check = 0
+                    self._check_cached(args, kwargs, logits)
                 return logits, {
                     t: v.to(device, non_blocking=True) for t, v in zip(teacher_hints, hit[1:], strict=True)
                 }
@@ -790,6 +802,28 @@ class DistillationModule(pl.LightningModule):
         if cache is not None and indices is not None:
             cache.store(indices, (logits, *features.values()))
         return logits, features
+
+    def _check_cached(self, args: tuple[Any, ...], kwargs: dict[str, Any], cached: Tensor) -> None:
+        """Recompute the teacher on a cached batch: its input must not have changed since it was cached.
+
+        The guard before training sees randomness in the dataset and the collate function only; this
+        one also catches augmentation in the student's ``training_step`` or batch hooks, and datasets
+        that change per epoch. Run every ``cache_check_every`` cache hits (one teacher forward).
+        """
+        with torch.no_grad():
+            fresh = self.logits(self._teacher(*args, **kwargs))
+        self._teacher_features = {}
+        low = fresh.dtype in (torch.float16, torch.bfloat16)
+        tol = (2e-2 if low else 1e-3) * (1.0 + float(cached.detach().abs().max()))
+        if not torch.allclose(fresh.float(), cached.float(), rtol=0.0, atol=tol):
+            worst = float((fresh.float() - cached.float()).abs().max())
+            raise ValueError(
+                "DistillationModule(cache=...): the teacher's output for cached samples changed (max "
+                f"difference {worst:.3g} > {tol:.3g}): the input the student's step gives the teacher is "
+                "not the same in every epoch (augmentation in training_step or a batch hook, or a dataset "
+                "that changes), so cached outputs would be wrong. Turn the cache off, or pass "
+                "invariant_transforms=True if the teacher's output does not depend on that randomness."
+            )
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Any:
