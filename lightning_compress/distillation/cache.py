@@ -218,9 +218,17 @@ def probe_training_data(
     return size
 
 
-def _version(tensors: Sequence[Tensor]) -> int:
+def tensors_version(tensors: Sequence[Tensor]) -> int:
     """Sum of the in-place version counters: changes whenever a tensor is modified in place."""
     return sum(t._version for t in tensors)
+
+
+def positional_limit(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments the bound method ``fn`` takes (``None``: any number)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 class OutputCache:
@@ -487,12 +495,7 @@ class FeatureCache(pl.Callback):
             ) from None
         self._module, self._pl_module = module, pl_module
         original_step = type(pl_module).training_step
-        params = list(inspect.signature(original_step).parameters.values())[1:]  # without self
-        limit = (
-            None
-            if any(p.kind is p.VAR_POSITIONAL for p in params)
-            else sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-        )
+        limit = positional_limit(original_step.__get__(pl_module))  # bound: without self
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             # Strip the sample indices, remember them for the backbone's forward, run the user's step.
@@ -528,7 +531,7 @@ class FeatureCache(pl.Callback):
         self._used_this_step = True
         assert self.cache is not None
         assert self._indices is not None
-        version = _version(self._tensors)
+        version = tensors_version(self._tensors)
         if version != self._version:
             if self.cache.n_filled:
                 rank_zero_debug(f"FeatureCache: {self.module_name} changed, cache cleared")
@@ -603,6 +606,8 @@ __all__ = [
     "OutputCache",
     "check_cache_arg",
     "indexed_collate",
+    "positional_limit",
     "probe_training_data",
     "split_batch",
+    "tensors_version",
 ]

@@ -34,8 +34,10 @@ from lightning_compress.distillation.cache import (
     SAMPLE_KEY,
     OutputCache,
     check_cache_arg,
+    positional_limit,
     probe_training_data,
     split_batch,
+    tensors_version,
 )
 from lightning_compress.functional.distillation import hint_loss, soft_target_loss
 
@@ -682,11 +684,7 @@ class DistillationModule(pl.LightningModule):
         """How many positional arguments the student's ``name`` takes (``None``: any number)."""
         limits = self.__dict__.setdefault("_limits", {})  # per hook, once: called on every step
         if name not in limits:
-            params = inspect.signature(getattr(self.student, name)).parameters.values()
-            if any(p.kind is p.VAR_POSITIONAL for p in params):
-                limits[name] = None
-            else:
-                limits[name] = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+            limits[name] = positional_limit(getattr(self.student, name))
         return limits[name]
 
     @override
@@ -779,7 +777,7 @@ class DistillationModule(pl.LightningModule):
         cache = self.cache
         teacher_hints = list(dict.fromkeys(self.hints.values()))
         if cache is not None and indices is not None:
-            version = sum(t._version for t in self._teacher_tensors)
+            version = tensors_version(self._teacher_tensors)
             if version != self._teacher_version:
                 cache.clear()
                 self._teacher_version = version
